@@ -1,0 +1,106 @@
+"""Training helpers of both bundles: resuming from the latest checkpoint, strict loading of pretrained weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from torch import nn
+
+__all__ = ["attach_resume", "latest_checkpoint", "load_checkpoint", "load_pretrained_encoder", "load_weights"]
+
+logger = logging.getLogger(__name__)
+
+_EPOCH = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
+    """The resumable checkpoint (``*checkpoint_epoch=N.pt``) with the highest epoch in ``ckpt_dir``, or None."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _EPOCH.search(p.name))]
+    return str(max(found)[1]) if found else None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt or incomplete file?): {e}") from e
+
+
+def load_weights(network: nn.Module, path: str | os.PathLike, key: str = "network") -> nn.Module:
+    """Load trained weights into ``network`` (strict), from a bare ``state_dict`` or a training checkpoint."""
+    state = load_checkpoint(path)
+    if isinstance(state.get(key), dict):
+        state = state[key]
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{path}: weights do not match the configured network (check the config overrides): {e}"
+        ) from e
+    return network
+
+
+def load_pretrained_encoder(network: nn.Module, path: str | os.PathLike | None, key: str = "encoder") -> nn.Module:
+    """Initialise ``network.<key>`` from a pretrained encoder checkpoint; strict: any key or shape mismatch fails.
+
+    The file holds the encoder's ``state_dict`` either directly or under ``"encoder"``. An empty ``path`` leaves the
+    network as it is.
+    """
+    if not path:
+        return network
+    module = getattr(network, key, None)
+    if module is None:
+        raise ValueError(f"{path}: the network has no {key!r} to load a pretrained encoder into")
+    state = load_checkpoint(path)
+    state = state.get(key, state) if isinstance(state, dict) else state
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        details = [
+            f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "",
+            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}" if unexpected else "",
+            ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:5]),
+        ]
+        raise ValueError(
+            f"{path}: pretrained encoder does not match the configured encoder: " + "; ".join(filter(None, details))
+        )
+    module.load_state_dict(state, strict=True)
+    return network
+
+
+def attach_resume(trainer: Engine, ckpt_dir: str | os.PathLike, state: dict, map_location=None) -> str | None:
+    """Make training resumable: save ``state`` every epoch and, if a checkpoint exists, continue from it.
+
+    Args:
+        trainer: the Ignite trainer.
+        ckpt_dir: folder of the resumable checkpoints (``checkpoint_checkpoint_epoch=N.pt``, the latest one kept).
+        state: objects to save and restore, e.g. ``{"network": ..., "optimizer": ..., "trainer": trainer}``.
+        map_location: device to load the checkpoint onto.
+
+    Returns:
+        the checkpoint training resumes from, or None for a fresh start.
+    """
+    CheckpointSaver(
+        save_dir=str(ckpt_dir), save_dict=state, file_prefix="checkpoint", save_interval=1, n_saved=1, epoch_level=True
+    ).attach(trainer)
+    path = latest_checkpoint(ckpt_dir)
+    if path is not None:
+        load_checkpoint(path)  # fail early, naming the file, on a corrupt checkpoint
+        CheckpointLoader(load_path=path, load_dict=state, map_location=map_location).attach(trainer)
+        logger.info("resuming training from %s", path)
+    return path
