@@ -86,7 +86,7 @@ def _resolve(base: Path, value: str) -> str:
         path = base / value.lstrip("/")
     elif not path.is_absolute():
         path = base / path
-    return str(path)
+    return os.path.normpath(path)
 
 
 def load_split_csv(csv_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, contrast: str | None = None):

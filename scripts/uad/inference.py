@@ -35,11 +35,17 @@ def slice_volumes(
     brain = volumes > 0 if mask is None else _plain(mask).to(volumes.device) > 0
     if brain.shape != volumes.shape:
         raise ValueError(f"mask shape {tuple(brain.shape)} does not match inputs {tuple(volumes.shape)}")
-    if inputs.ndim == 5:
-        return volumes, brain, lambda v: v
-    # slice stack (N, 1, H, W) -> one volume (1, 1, H, W, N)
-    to_volume = lambda s: s.permute(1, 2, 3, 0).unsqueeze(0)  # noqa: E731
-    return to_volume(volumes), to_volume(brain), lambda v: v[0].permute(3, 0, 1, 2)
+
+    def restore(v: torch.Tensor) -> torch.Tensor:
+        out = v if inputs.ndim == 5 else v[0].permute(3, 0, 1, 2)
+        if isinstance(inputs, MetaTensor):  # keep the input's metadata, as MONAI inferers do (Invertd needs it)
+            out = MetaTensor(out)
+            out.copy_meta_from(inputs)
+        return out
+
+    if inputs.ndim == 4:  # slice stack (N, 1, H, W) -> one volume (1, 1, H, W, N)
+        volumes, brain = (s.permute(1, 2, 3, 0).unsqueeze(0) for s in (volumes, brain))
+    return volumes, brain, restore
 
 
 def stack_slices(volumes: torch.Tensor, brain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

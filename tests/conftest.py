@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny demo cohort built once per test session, and helpers to run bundle commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_IXI = REPO.parent / "shared" / "data" / "ixi_t1_axial"
+
+# CPU-sized overrides shared by the bundle tests: tiny grid, tiny networks, one epoch.
+TINY_GRID = {"pixdim": [6.0, 6.0, 6.0], "image_size": [32, 32, 16]}
+
+
+@pytest.fixture(scope="session")
+def demo_cohort(tmp_path_factory) -> Path:
+    """The ``tiny`` demo cohort (seed 0), in the seed layout with datalists."""
+    import make_demo_data
+
+    out = tmp_path_factory.mktemp("demo") / "cohort"
+    make_demo_data.build_cohort(out, seed=0, size="tiny", progress=False, figure=False)
+    return out
+
+
+def run_bundle(bundle: str, configs: list[str], overrides: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` inside the bundle folder, with ``--key value`` overrides; fails loudly."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs)]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run(cmd, cwd=REPO / bundle, capture_output=True, text=True, timeout=timeout, env=env)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture
+def bundle_imports(monkeypatch):
+    """Make ``scripts`` resolve to a bundle's own package (as ``monai.bundle run`` does from the bundle folder)."""
+
+    def use(bundle: str) -> None:
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            monkeypatch.delitem(sys.modules, name)
+        monkeypatch.syspath_prepend(str(REPO / bundle))
+
+    yield use
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
