@@ -27,9 +27,15 @@ def demo_cohort(tmp_path_factory) -> Path:
     return out
 
 
-def run_bundle(bundle: str, configs: list[str], overrides: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` inside the bundle folder, with ``--key value`` overrides; fails loudly."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs)]
+def run_bundle(
+    bundle: str, configs: list[str], overrides: dict, timeout: int = 600, nproc: int = 0
+) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` inside the bundle folder, with ``--key value`` overrides; fails loudly.
+
+    With ``nproc`` > 0 the command runs under ``torchrun --nproc_per_node=nproc`` (gloo on CPU).
+    """
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc else []
+    cmd = [sys.executable, *launcher, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs)]
     for key, value in overrides.items():
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}

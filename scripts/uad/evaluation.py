@@ -22,18 +22,16 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
-from .io import atomic_path
+from .io import atomic_output
 
 __all__ = [
-    "atomic_output",
     "average_precision",
     "best_dice",
     "best_dice_threshold",
@@ -57,19 +55,6 @@ logger = logging.getLogger(__name__)
 
 BEST_DICE = "best_dice_val"
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` (same extension); on success move it onto ``path``, else delete it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def threshold_name(fpr: float) -> str:

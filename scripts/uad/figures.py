@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from monai.data import MetaTensor  # noqa: E402
+from monai.transforms import MapTransform  # noqa: E402
 
-from .evaluation import atomic_output, average_precision, binarise, precision_recall_curve  # noqa: E402
+from .data import case_name  # noqa: E402
+from .evaluation import average_precision, binarise, precision_recall_curve  # noqa: E402
+from .io import atomic_output  # noqa: E402
 
-__all__ = ["save_overlay", "save_pr_curve"]
+__all__ = ["SaveOverlayd", "save_overlay", "save_pr_curve"]
 
 N_OVERLAY_SLICES = 3
 MAX_CURVE_POINTS = 4000
@@ -173,3 +179,42 @@ def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
             fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
+
+
+class SaveOverlayd(MapTransform):
+    """Save ``<case>_overlay.png`` (input | anomaly map | outlines) for each item, on the model grid.
+
+    Args:
+        output_dir: folder of the PNGs.
+        threshold: calibrated threshold for the predicted outline, or None.
+        image_key, map_key, mask_key: keys of the input (1, H, W, D) in [0, 1], its anomaly map and brain mask.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        threshold: float | None = None,
+        image_key: str = "image",
+        map_key: str = "pred",
+        mask_key: str = "mask",
+    ) -> None:
+        super().__init__([image_key, map_key])
+        self.output_dir = Path(output_dir)
+        self.threshold = threshold
+        self.image_key, self.map_key, self.mask_key = image_key, map_key, mask_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        image = d[self.image_key]
+        name = case_name(image.meta.get("filename_or_obj", "case")) if isinstance(image, MetaTensor) else "case"
+        volume = lambda x: np.asarray(torch.as_tensor(x).detach().float().cpu())[0]  # noqa: E731
+        mask = volume(d[self.mask_key]) > 0 if self.mask_key in d else None
+        save_overlay(
+            self.output_dir / f"{name}_overlay.png",
+            volume(image),
+            volume(d[self.map_key]),
+            mask=mask,
+            threshold=self.threshold,
+            title=name,
+        )
+        return d

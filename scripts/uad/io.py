@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from monai.data import NibabelWriter
 
-__all__ = ["AtomicNibabelWriter", "atomic_path", "read_threshold"]
+__all__ = ["AtomicNibabelWriter", "atomic_output", "atomic_path", "read_threshold"]
 
 logger = logging.getLogger(__name__)
 
@@ -21,16 +23,25 @@ def atomic_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name[: len(path.name) - len(suffix)]}.tmp{os.getpid()}{suffix}")
 
 
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` (same extension); on success move it onto ``path``, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class AtomicNibabelWriter(NibabelWriter):
     """``NibabelWriter`` that writes to a temporary file and renames it, so no half-written NIfTI is ever left."""
 
     def write(self, filename: os.PathLike | str, verbose: bool = False, **obj_kwargs) -> None:
-        tmp = atomic_path(filename)
-        try:
+        with atomic_output(filename) as tmp:
             super().write(tmp, verbose=verbose, **obj_kwargs)
-            os.replace(tmp, filename)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def read_threshold(path: str | os.PathLike | None) -> float | None:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .data import case_name
 from .evaluation import evaluate_cases
-from .io import atomic_path
+from .io import atomic_output
 
 __all__ = ["collect_cases", "evaluate", "format_metrics"]
 
@@ -102,10 +102,8 @@ def evaluate(
     metrics = evaluate_cases(val_cases, test_cases, output_dir, fprs, min_component_size, n_overlays)
     produced = Path(output_dir) / "thresholds.json"
     if threshold_file and produced.is_file() and Path(threshold_file).resolve() != produced.resolve():
-        Path(threshold_file).parent.mkdir(parents=True, exist_ok=True)
-        tmp = atomic_path(threshold_file)
-        shutil.copyfile(produced, tmp)
-        os.replace(tmp, threshold_file)
+        with atomic_output(threshold_file) as tmp:
+            shutil.copyfile(produced, tmp)
         logger.info("calibrated threshold stored at %s", threshold_file)
     print(format_metrics(metrics))
     print(f"metrics, per-volume CSV, PR curve and overlays: {Path(output_dir).resolve()}")

@@ -1,0 +1,58 @@
+"""Checkpoint helpers: resuming picks the latest epoch, corrupt or mismatched weights fail naming the file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from uad.training import latest_checkpoint, load_checkpoint, load_pretrained_encoder, load_weights
+
+
+class Net(torch.nn.Module):
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Linear(3, width)
+        self.head = torch.nn.Linear(width, 1)
+
+
+def test_latest_checkpoint_picks_highest_epoch(tmp_path):
+    assert latest_checkpoint(tmp_path) is None and latest_checkpoint(tmp_path / "absent") is None
+    for epoch in (2, 10, 9):
+        (tmp_path / f"checkpoint_checkpoint_epoch={epoch}.pt").write_bytes(b"x")
+    (tmp_path / "model.pt").write_bytes(b"x")
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")
+
+
+def test_corrupt_and_missing_checkpoints_name_the_file(tmp_path):
+    torch.save(Net().state_dict(), tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.pt: not a readable PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")
+    with pytest.raises(FileNotFoundError, match="nothing.pt"):
+        load_weights(Net(), tmp_path / "nothing.pt")
+
+
+def test_load_weights_strict_from_state_dict_or_training_checkpoint(tmp_path):
+    src = Net()
+    torch.save({"network": src.state_dict(), "optimizer": {}}, tmp_path / "ckpt.pt")
+    dst = load_weights(Net(), tmp_path / "ckpt.pt")
+    assert torch.equal(dst.head.weight, src.head.weight)
+    torch.save(Net(width=5).state_dict(), tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match="wide.pt: weights do not match"):
+        load_weights(Net(), tmp_path / "wide.pt")
+
+
+def test_pretrained_encoder_loading_is_strict(tmp_path):
+    pretrained = Net().encoder
+    torch.save(pretrained.state_dict(), tmp_path / "encoder.pt")
+    net = load_pretrained_encoder(Net(), tmp_path / "encoder.pt")
+    assert torch.equal(net.encoder.weight, pretrained.weight)
+    assert load_pretrained_encoder(net, "") is net
+    torch.save(Net(width=6).encoder.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(
+        ValueError, match=r"other.pt: pretrained encoder does not match.*file \(6, 3\) vs model \(4, 3\)"
+    ):
+        load_pretrained_encoder(Net(), tmp_path / "other.pt")
+    torch.save({"something": torch.zeros(1)}, tmp_path / "keys.pt")
+    with pytest.raises(ValueError, match="missing keys"):
+        load_pretrained_encoder(Net(), tmp_path / "keys.pt")
