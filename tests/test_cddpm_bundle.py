@@ -99,6 +99,9 @@ def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports):
     assert type(net).__name__ == "ConditionedDiffusionModel" and net.encoder is not None
     assert train.get_parsed_content("train#prepare_batch").timestep_range == (0, 1000)
     assert len(train.get_parsed_content("train#datalist")) == 4
+    assert type(train.get_parsed_content("noise")).__name__ == "SimplexNoise"
+    gaussian = parser("train.json", "demo.json", "gaussian_noise.json")
+    assert type(gaussian.get_parsed_content("noise")).__name__ == "GaussianNoise"
     inference = parser("inference.json", "demo.json")
     inferer = inference.get_parsed_content("inferer")
     assert type(inferer).__name__ == "CDDPMAnomalyInferer" and inferer.timesteps == (250, 500, 750)
