@@ -81,6 +81,16 @@ def test_default_configs_are_paper_sized():
     assert parser("inference.json")["ensemble_timesteps"] == [250, 500, 750]
 
 
+def test_paper_sized_network_instantiates_and_runs(bundle_imports):
+    bundle_imports("cddpm_bundle")
+    net = parser("train.json").get_parsed_content("network_def")
+    assert 40e6 < sum(p.numel() for p in net.unet.parameters()) < 46e6  # UNet 128/256/256, 3 res blocks: 42.9M
+    assert 23e6 < sum(p.numel() for p in net.encoder.parameters()) < 25e6  # ResNet-50 trunk, 128-d head: 23.8M
+    x = torch.rand(2, 1, 32, 32)
+    with torch.inference_mode():
+        assert net(x * 2 - 1, torch.tensor([10, 900]), condition=x).shape == x.shape
+
+
 @pytest.mark.parametrize("name", ["train.json", "inference.json", "evaluate.json"])
 def test_configs_share_network_protocol_and_noise(name):
     """The three configs stand alone (model-zoo style) but must describe one model and one data protocol."""
