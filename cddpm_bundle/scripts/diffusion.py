@@ -5,16 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from ignite.engine import Engine, Events
 from monai.engines.utils import PrepareBatch
 from monai.networks.schedulers import Scheduler
 
-from .uad.inference import stack_slices
+from .uad.inference import brain_slices
+from .uad.training import EpochSeeded
 
 __all__ = ["X0PrepareBatch"]
 
 
-class X0PrepareBatch(PrepareBatch):
+class X0PrepareBatch(EpochSeeded, PrepareBatch):
     """Noise clean images to a random step and return ``(x_t, x0, (), {"timesteps", "condition"})``.
 
     With ``SupervisedTrainer`` and ``SimpleInferer`` the network is called as
@@ -50,22 +50,6 @@ class X0PrepareBatch(PrepareBatch):
             raise ValueError(f"timestep_range must lie in [0, {scheduler.num_train_timesteps}], got {(low, high)}")
         self.timestep_range = (int(low), int(high))
         self.seed = seed
-        self.generator: torch.Generator | None = None
-
-    def attach(self, engine: Engine) -> None:
-        """Reset the generator at every epoch start (use the object as a handler of the evaluator)."""
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.reset())
-
-    def reset(self) -> None:
-        self.generator = None
-
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.seed)
-        return self.generator
 
     def __call__(
         self,
@@ -75,12 +59,8 @@ class X0PrepareBatch(PrepareBatch):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict[str, torch.Tensor]]:
         images = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
-        images = torch.as_tensor(images)  # plain tensors: MetaTensor bookkeeping costs time and breaks tracing
-        if images.ndim == 5:
-            mask = batchdata.get(self.mask_key)
-            brain = images > 0 if mask is None else torch.as_tensor(mask).to(images.device) > 0
-            images = stack_slices(images, brain)[0]
-        generator = self._generator(images.device)
+        images = brain_slices(images, batchdata.get(self.mask_key))
+        generator = self.seeded_generator(images.device)
         x0 = images * 2.0 - 1.0  # the diffusion model works in [-1, 1]
         low, high = self.timestep_range
         timesteps = torch.randint(low, high, (images.shape[0],), device=images.device, generator=generator)

@@ -8,7 +8,7 @@ import torch
 from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
 
-__all__ = ["MaskedPrepareBatch", "slice_volumes", "stack_slices"]
+__all__ = ["MaskedPrepareBatch", "brain_slices", "slice_volumes", "stack_slices"]
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -86,3 +86,15 @@ class MaskedPrepareBatch(PrepareBatch):
         if self.mask_key in batchdata:
             extra["mask"] = batchdata[self.mask_key].to(device=device, non_blocking=non_blocking, **kwargs)
         return image, None, (), extra
+
+
+def brain_slices(images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Slices (B, 1, H, W) as they are; volumes (B, 1, H, W, D) as the stack of their axial slices containing brain.
+
+    Used to validate slice models on whole volumes. ``mask`` (like ``images``) defaults to the foreground.
+    """
+    images = _plain(images)
+    if images.ndim == 4:
+        return images
+    brain = images > 0 if mask is None else _plain(mask).to(images.device) > 0
+    return stack_slices(images, brain)[0]

@@ -8,15 +8,47 @@ import re
 from pathlib import Path
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
-__all__ = ["attach_resume", "latest_checkpoint", "load_checkpoint", "load_pretrained_encoder", "load_weights"]
+__all__ = [
+    "EpochSeeded",
+    "attach_resume",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_pretrained_encoder",
+    "load_weights",
+]
 
 logger = logging.getLogger(__name__)
 
 _EPOCH = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+
+
+class EpochSeeded:
+    """Mixin for seeded batch preparation: a generator reset to ``seed`` at every epoch start.
+
+    List the object among an engine's handlers (``attach`` registers the reset) and draw from
+    ``seeded_generator(device)``: every epoch then sees the same random draws, so validation losses are comparable
+    across epochs. With ``seed`` None the generator is None (the global RNG, fresh draws).
+    """
+
+    seed: int | None = None
+    generator: torch.Generator | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.reset())
+
+    def reset(self) -> None:
+        self.generator = None
+
+    def seeded_generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generator
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
@@ -80,6 +112,7 @@ def load_pretrained_encoder(network: nn.Module, path: str | os.PathLike | None, 
             f"{path}: pretrained encoder does not match the configured encoder: " + "; ".join(filter(None, details))
         )
     module.load_state_dict(state, strict=True)
+    logger.info("initialised the %s from the pretrained weights in %s", key, path)
     return network
 
 
