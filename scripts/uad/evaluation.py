@@ -502,6 +502,7 @@ def evaluate_cases(
     fprs: Sequence[float] = (0.01, 0.05, 0.10),
     min_component_size: int = 7,
     n_overlays: int = 4,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Calibrate thresholds on validation cases, evaluate test cases, write metrics, plots and ``thresholds.json``.
 
@@ -513,6 +514,7 @@ def evaluate_cases(
     Writes to ``out_dir`` (each file atomically): ``metrics.json``, ``per_volume.csv``, ``pr_curve.png``,
     ``overlays/<name>.png`` (lesion cases first) and ``thresholds.json`` (``{"threshold", "method",
     "thresholds"}``, read by inference; when nothing could be calibrated it is not written and a stale one removed).
+    ``extra`` (e.g. the method's settings) is stored as is under ``"extra"`` in ``metrics.json``.
 
     Returns:
         the content of ``metrics.json``.
@@ -564,6 +566,8 @@ def evaluate_cases(
             "test": [c["name"] for c in test_cases],
         },
     }
+    if extra:
+        metrics["extra"] = dict(extra)
     _write_text(out_dir / "per_volume.csv", _csv_text(rows))
     _write_text(out_dir / "metrics.json", _json_text(metrics))
     _write_thresholds(out_dir / "thresholds.json", thresholds, method)

@@ -94,12 +94,13 @@ def evaluate(
 ) -> dict[str, Any]:
     """Infer on validation and test entries, calibrate thresholds on validation only, evaluate the test entries.
 
-    Writes the outputs of :func:`evaluate_cases` to ``output_dir``, copies the calibrated ``thresholds.json`` to
-    ``threshold_file`` (where inference looks for it) and prints the metrics table.
+    Writes the outputs of :func:`evaluate_cases` to ``output_dir`` (with ``extra``, e.g. the inferer's settings,
+    under ``"extra"`` in ``metrics.json``), copies the calibrated ``thresholds.json`` to ``threshold_file`` (where
+    inference looks for it) and prints the metrics table.
     """
     val_cases = collect_cases(val_entries, preprocessing, inferer, network, device, desc="validation")
     test_cases = collect_cases(test_entries, preprocessing, inferer, network, device, desc="test")
-    metrics = evaluate_cases(val_cases, test_cases, output_dir, fprs, min_component_size, n_overlays)
+    metrics = evaluate_cases(val_cases, test_cases, output_dir, fprs, min_component_size, n_overlays, extra)
     produced = Path(output_dir) / "thresholds.json"
     if threshold_file and produced.is_file() and Path(threshold_file).resolve() != produced.resolve():
         with atomic_output(threshold_file) as tmp:
