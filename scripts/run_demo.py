@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES = {"cddpm": "cddpm_bundle"}
+BUNDLES = {"cddpm": "cddpm_bundle", "autoddpm": "autoddpm_bundle"}
 COLUMNS = (
     ("dice@best_dice_val", "Dice@val-thr"),
     ("dice@fpr_5", "Dice@5%FPR"),
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: configs/demo.json)")
     parser.add_argument("--sets", nargs="+", default=["Tumour", "MS", "Stroke"], help="lesion sets to evaluate")
     parser.add_argument("--contrast", default="t2", choices=("t1", "t2"))
+    parser.add_argument("--methods", nargs="+", default=list(BUNDLES), choices=list(BUNDLES), help="bundles to run")
     parser.add_argument("--skip-train", action="store_true", help="evaluate the weights already in OUT/<method>/models")
     args = parser.parse_args(argv)
     out = args.out.resolve()
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         check=True,
     )
     rows = {}
-    for method, bundle in BUNDLES.items():
-        work = out / method
+    for method in args.methods:
+        bundle, work = BUNDLES[method], out / method
         common = {"dataset_dir": str(data), "contrast": args.contrast, "ckpt_dir": str(work / "models")}
         configs = lambda name: [f"configs/{name}.json", "configs/demo.json"]  # noqa: E731
         if not args.skip_train:
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nDemo results ({args.contrast}, mean over test volumes; thresholds calibrated on validation only):\n")
     print(table)
     print(f"\nfinished in {(time.time() - start) / 60:.1f} min")
-    for method in BUNDLES:
+    for method in args.methods:
         work = out / method
         print(f"{method}: metrics, PR curves and overlays in {work}/eval_<set>/, NIfTI maps in {work}/maps_*/")
     print(f"demo cohort picture: {data / 'demo_cohort.png'}")

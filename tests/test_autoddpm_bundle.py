@@ -1,0 +1,529 @@
+"""AutoDDPM bundle: configs, the three inference stages, perceptual terms, and real `monai.bundle run` of every job."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TINY_GRID, run_bundle
+from monai.bundle import ConfigParser
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from autoddpm_bundle.scripts.diffusion import SeededDiffusionPrepareBatch
+from autoddpm_bundle.scripts.inferer import STAGE_KEYS, AutoDDPMAnomalyInferer
+from autoddpm_bundle.scripts.perceptual import LPIPSDistance, SSIMDistance, build_perceptual
+from autoddpm_bundle.scripts.stages import FlattenStagesd, StagesPrepareBatch
+
+BUNDLE = REPO / "autoddpm_bundle"
+CONFIGS = BUNDLE / "configs"
+
+TINY = {
+    **TINY_GRID,
+    "epochs": 1,
+    "val_interval": 1,
+    "batch_size": 4,
+    "slices_per_volume": 2,
+    "num_workers": 0,
+    "network_def#channels": [8, 16, 16],
+    "network_def#num_head_channels": 8,
+    "network_def#norm_num_groups": 8,
+}
+# inference overrides on top of TINY and configs/demo.json (DDIM): 2 + 1 x 2 = 4 network passes per slice
+TINY_SAMPLING = {"batch_size": 16, "ddim_mask_steps": 2, "ddim_resample_steps": 1, "resample_repeats": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The in-process networks are tiny: one thread avoids OpenMP contention on busy shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def parser(*names: str) -> ConfigParser:
+    p = ConfigParser()
+    p.read_config([str(CONFIGS / n) for n in names])
+    p["bundle_root"] = str(BUNDLE)
+    return p
+
+
+def tiny_unet() -> DiffusionModelUNet:
+    torch.manual_seed(0)
+    return DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=1,
+        channels=(8, 16, 16),
+        attention_levels=(False, False, True),  # as configs/demo.json
+        num_res_blocks=1,
+        num_head_channels=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+class CountingNetwork(torch.nn.Module):
+    """A fake denoiser that records every call's timesteps and returns seeded random noise estimates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timesteps: list[int] = []
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x, timesteps):
+        assert timesteps.shape == (x.shape[0],) and (timesteps == timesteps[0]).all()
+        self.timesteps.append(int(timesteps[0]))
+        return torch.randn(x.shape, generator=self.generator)
+
+
+class OracleNetwork(torch.nn.Module):
+    """Knows the clean slices x0: returns the exact noise eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
+
+    def __init__(self, scheduler, clean: torch.Tensor) -> None:
+        super().__init__()
+        self.scheduler = scheduler
+        self.x0 = clean * 2 - 1
+
+    def forward(self, x, timesteps):
+        abar = self.scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        return (x - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+
+
+def brain_slices(n: int = 3, size: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.zeros(n, 1, size, size)
+    x[..., 4:-4, 4:-4] = torch.rand(n, 1, size - 8, size - 8) * 0.8 + 0.1
+    return x, x > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configs
+
+
+def test_default_configs_are_paper_sized(bundle_imports):
+    bundle_imports("autoddpm_bundle")
+    p = parser("train.json")
+    net = p["network_def"]
+    assert net["_target_"] == "monai.networks.nets.DiffusionModelUNet" and net["channels"] == [128, 256, 256]
+    assert net["attention_levels"] == [False, True, True] and net["num_res_blocks"] == 1
+    assert "with_conditioning" not in net  # unconditioned
+    assert p["scheduler"]["schedule"] == "linear_beta" and p["scheduler"]["prediction_type"] == "epsilon"
+    assert (p["scheduler"]["beta_start"], p["scheduler"]["beta_end"], p["num_train_timesteps"]) == (1e-4, 0.02, 1000)
+    assert p["loss"]["_target_"] == "torch.nn.MSELoss" and p["batch_size"] == 16 and p["learning_rate"] == 1e-4
+    assert p["train"]["prepare_batch"]["_target_"] == "monai.engines.DiffusionPrepareBatch"
+    assert p["train"]["inferer"]["_target_"] == "monai.inferers.DiffusionInferer"
+    assert p["image_size"] == [96, 96, 50] and p["pixdim"] == [2.0, 2.0, 2.0]
+    # resumable like the cDDPM bundle (whose test suite runs an actual resume): same shared hook, same state
+    assert "$scripts.uad.training.attach_resume(@train#trainer, @ckpt_dir, @resume_state, @device)" in p["initialize"]
+    assert p["resume_state"] == {"network": "@network", "optimizer": "@optimizer", "trainer": "@train#trainer"}
+    inference = parser("inference.json")
+    keys = ("mask_noise_level", "resample_noise_level", "resample_repeats", "mask_threshold", "mask_dilation")
+    assert [inference[k] for k in keys] == [200, 50, 5, 0.13, 3]
+    assert inference["sampler"] == "ddpm" and inference["perceptual"] == "ssim"
+    assert inference["residual_quantile"] == 0.95 and inference["mask_quantile"] is None
+    inferer = inference.get_parsed_content("inferer")
+    assert isinstance(inferer.scheduler, DDPMScheduler) and inferer.network_passes_per_slice == 200 + 50 * 5
+    inference["sampler"] = "ddim"
+    fast = inference.get_parsed_content("inferer", lazy=False)
+    assert isinstance(fast.scheduler, DDIMScheduler) and fast.network_passes_per_slice == 10 + 5 * 5
+
+
+@pytest.mark.parametrize("name", ["inference.json", "evaluate.json"])
+def test_configs_share_network_protocol_and_sampling(name):
+    """The configs stand alone (model-zoo style) but must describe one model, one protocol and one sampler."""
+    train, other = json.loads((CONFIGS / "train.json").read_text()), json.loads((CONFIGS / name).read_text())
+    for key in ("network_def", "scheduler", "pixdim", "image_size", "num_train_timesteps"):
+        assert other[key] == train[key], key
+    assert other["preprocessing"]["transforms"] == train["preprocessing"]
+    assert other["ddim_scheduler"] == {**train["scheduler"], "_target_": "monai.networks.schedulers.DDIMScheduler"}
+    inference = json.loads((CONFIGS / "inference.json").read_text())
+    for key in ("sampler", "mask_noise_level", "ddim_mask_steps", "ddim_resample_steps", "perceptual_options"):
+        assert other[key] == inference[key], key
+    assert other["inferer"] == inference["inferer"]
+
+
+def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports):
+    bundle_imports("autoddpm_bundle")
+    train = parser("train.json", "demo.json")
+    train["dataset_dir"] = str(demo_cohort)
+    assert type(train.get_parsed_content("network_def")).__name__ == "DiffusionModelUNet"
+    assert len(train.get_parsed_content("train#datalist")) == 4
+    multi_gpu = parser("train.json", "multi_gpu_train.json")
+    assert multi_gpu["train#sampler"]["_target_"] == "DistributedSampler"
+    assert "DistributedDataParallel(@network_def" in multi_gpu["network"]
+    inferer = parser("inference.json", "demo.json").get_parsed_content("inferer")
+    assert type(inferer).__name__ == "AutoDDPMAnomalyInferer" and inferer.sampler == "ddim"
+    evaluate = parser("evaluate.json", "demo.json")
+    evaluate.update({"dataset_dir": str(demo_cohort), "test_set": "Tumour"})
+    val, test = evaluate.get_parsed_content("entries")
+    assert sum("seg" in e for e in val) == 2 and sum("seg" not in e for e in val) == 2 and len(test) == 2
+    assert evaluate.get_parsed_content("extra")["perceptual"] == "1-ssim"
+
+
+def test_training_slices_are_in_model_range(demo_cohort, bundle_imports):
+    """The data protocol ends in [-1, 1] (background -1), as plain tensors, slices_per_volume per volume."""
+    bundle_imports("autoddpm_bundle")
+    train = parser("train.json", "demo.json")
+    train.update({"dataset_dir": str(demo_cohort), **TINY_GRID, "slices_per_volume": 3})
+    entry = train.get_parsed_content("train#datalist")[0]
+    samples = train.get_parsed_content("train#preprocessing")(entry)
+    assert len(samples) == 3
+    for s in samples:
+        image = s["image"]
+        assert type(image) is torch.Tensor and image.shape == (1, 32, 32)
+        assert image.min() == -1 and image.max() <= 1 and (image[s["mask"] == 0] == -1).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training and validation batches
+
+
+def test_seeded_validation_batch_stacks_brain_slices_and_repeats_per_epoch():
+    prepare = SeededDiffusionPrepareBatch(1000, seed=3)
+    volume = torch.full((2, 1, 8, 8, 5), -1.0)
+    mask = torch.zeros_like(volume)
+    mask[0, :, 2:6, 2:6, 1:3] = 1
+    mask[1, :, 2:6, 2:6, 4] = 1
+    volume[mask > 0] = 0.5
+    images, noise, args, kwargs = prepare({"image": volume, "mask": mask})
+    assert images.shape == (3, 1, 8, 8) and torch.equal(kwargs["noise"], noise) and args == ()
+    assert ((kwargs["timesteps"] >= 0) & (kwargs["timesteps"] < 1000)).all()
+    prepare.reset()  # what the evaluator's epoch start does
+    again = prepare({"image": volume, "mask": mask})
+    assert torch.equal(again[1], noise) and torch.equal(again[3]["timesteps"], kwargs["timesteps"])
+    assert not torch.equal(prepare({"image": volume, "mask": mask})[1], noise)
+    with pytest.raises(ValueError, match="brain mask"):
+        prepare({"image": volume})
+
+
+def test_trainer_step_predicts_the_noise():
+    """One SupervisedTrainer iteration with MONAI's DiffusionPrepareBatch + DiffusionInferer: target = the noise."""
+    from monai.engines import DiffusionPrepareBatch, SupervisedTrainer
+    from monai.inferers import DiffusionInferer
+
+    net, seen = tiny_unet().train(), {}
+
+    def loss(pred, target):
+        seen["target"] = target
+        return torch.nn.functional.mse_loss(pred, target)
+
+    prepare = DiffusionPrepareBatch(1000)
+    prepare.get_noise = lambda images: seen.setdefault("noise", torch.randn_like(images))
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=[{"image": torch.rand(2, 1, 16, 16) * 2 - 1}],
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-4),
+        loss_function=loss,
+        inferer=DiffusionInferer(DDPMScheduler(1000)),
+        prepare_batch=prepare,
+    )
+    trainer.run()
+    assert torch.equal(seen["target"], seen["noise"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the three stages
+
+
+def test_binary_mask_threshold_and_dilation():
+    inferer = AutoDDPMAnomalyInferer(DDPMScheduler(1000), mask_threshold=0.13)
+    m = torch.zeros(2, 1, 9, 9)
+    m[0, 0, 4, 4] = 0.2  # above tau: one pixel -> a 3x3 block
+    m[1, 0, 2, 2] = 0.13  # not above tau
+    brain = torch.ones_like(m, dtype=torch.bool)
+    mask = inferer.binary_mask(m, brain)
+    expected = torch.zeros_like(m)
+    expected[0, 0, 3:6, 3:6] = 1
+    assert torch.equal(mask, expected)
+    # per-slice quantile: the top 2% of a slice's brain pixels, whatever their absolute value
+    quantile = AutoDDPMAnomalyInferer(DDPMScheduler(1000), mask_quantile=0.98, dilation=1)
+    ramp = torch.arange(100.0).view(1, 1, 10, 10) / 1000
+    assert quantile.binary_mask(ramp, torch.ones_like(ramp, dtype=torch.bool)).sum() == 2
+
+
+def test_likelihood_map_formula():
+    class Half(torch.nn.Module):
+        name = "half"
+
+        def forward(self, x, y):
+            return torch.full_like(x, 0.5)
+
+    inferer = AutoDDPMAnomalyInferer(DDPMScheduler(1000), perceptual=Half(), residual_quantile=0.5)
+    x, brain = brain_slices(2)
+    x_hat = x.clone()
+    x_hat[brain] += 0.05 * torch.rand(int(brain.sum()))
+    m = inferer.likelihood(x, x_hat, brain)
+    r = (x - x_hat).abs()
+    for i in range(2):
+        q = torch.quantile(r[i][brain[i]], 0.5)
+        assert torch.allclose(m[i][brain[i]], 0.5 * (r[i][brain[i]] / q).clamp(0, 1))
+    assert (m[~brain] == 0).all() and inferer.perceptual_name == "half"
+
+
+def test_stitch_formula():
+    x, x_hat = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)
+    mask = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    stitched = AutoDDPMAnomalyInferer.stitch(x, x_hat, mask)
+    assert torch.equal(stitched, mask * x_hat + (1 - mask) * x)
+    assert torch.equal(stitched[mask == 0], x[mask == 0]) and torch.equal(stitched[mask == 1], x_hat[mask == 1])
+
+
+@pytest.mark.parametrize("scheduler", [DDPMScheduler(1000), DDIMScheduler(1000)], ids=["ddpm", "ddim"])
+def test_resample_keeps_unmasked_region_exactly(scheduler):
+    """Whatever the network does, the inpainted image equals x outside the mask, bit for bit."""
+    steps = None if isinstance(scheduler, DDPMScheduler) else 2
+    inferer = AutoDDPMAnomalyInferer(scheduler, resample_noise_level=6, resample_steps=steps, resample_repeats=3)
+    x, _ = brain_slices(2)
+    mask = torch.zeros_like(x)
+    mask[..., 8:14, 8:14] = 1
+    stitched = AutoDDPMAnomalyInferer.stitch(x, torch.rand_like(x), mask)
+    generator = torch.Generator().manual_seed(0)
+    inpainted = inferer.resample(x, stitched, mask, CountingNetwork(), generator)
+    assert torch.equal(inpainted[mask == 0], x[mask == 0])
+    assert not torch.equal(inpainted[mask == 1], x[mask == 1]) and inpainted.min() >= 0 and inpainted.max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "settings", "passes", "first_timesteps", "last_timesteps"),
+    [
+        (
+            DDPMScheduler(1000),
+            {"mask_noise_level": 6, "resample_noise_level": 3},
+            6 + 3 * 4,
+            [5, 4, 3, 2, 1, 0, 2, 2],
+            [1, 0, 0, 0, 0],
+        ),
+        (
+            DDIMScheduler(1000),
+            {"mask_noise_level": 200, "resample_noise_level": 50, "mask_steps": 4, "resample_steps": 2},
+            4 + 2 * 4,
+            [199, 149, 99, 49, 49, 49],
+            [49, 24, 24, 24, 24],
+        ),
+    ],
+    ids=["ddpm", "ddim"],
+)
+def test_network_calls_match_settings(scheduler, settings, passes, first_timesteps, last_timesteps):
+    inferer = AutoDDPMAnomalyInferer(scheduler, resample_repeats=4, batch_size=8, **settings)
+    assert inferer.network_passes_per_slice == passes
+    x, brain = brain_slices(5)
+    net = CountingNetwork()
+    stages = inferer.run_slices(x, brain, net)
+    assert len(net.timesteps) == passes  # one batch: passes per slice = network calls
+    assert net.timesteps[: len(first_timesteps)] == first_timesteps
+    assert net.timesteps[-5:] == last_timesteps  # the last re-sample step is repeated r times too
+    assert set(stages) == set(STAGE_KEYS) and all(v.shape == x.shape for v in stages.values())
+    net = CountingNetwork()
+    AutoDDPMAnomalyInferer(scheduler, resample_repeats=4, batch_size=2, **settings).run_slices(x, brain, net)
+    assert len(net.timesteps) == 3 * passes  # three batches of at most 2 slices
+
+
+def test_ddpm_refuses_strided_chains_and_ddim_checks_strides():
+    with pytest.raises(ValueError, match="DDIMScheduler"):
+        AutoDDPMAnomalyInferer(DDPMScheduler(1000), mask_steps=10)
+    with pytest.raises(ValueError, match="divisible"):
+        AutoDDPMAnomalyInferer(DDIMScheduler(1000), mask_noise_level=200, mask_steps=7)
+    with pytest.raises(ValueError, match="epsilon"):
+        AutoDDPMAnomalyInferer(DDPMScheduler(1000, prediction_type="sample"))
+
+
+def test_oracle_network_reconstructs_and_gives_zero_map():
+    """A network that knows the clean image heals nothing: x_hat = x, empty mask, inpainted = x, zero map."""
+    scheduler = DDIMScheduler(1000)
+    volume = torch.zeros(1, 1, 24, 24, 4)
+    volume[..., 4:20, 4:20, :] = torch.rand(1, 1, 16, 16, 4) * 0.8 + 0.1
+    slices = volume[0].permute(3, 0, 1, 2)
+    inferer = AutoDDPMAnomalyInferer(scheduler, mask_steps=4, resample_steps=2, median_kernel=3)
+    out = inferer(volume, OracleNetwork(scheduler, slices), mask=volume > 0, return_intermediates=True)
+    assert set(out) == {"pred", *STAGE_KEYS} and all(v.shape == volume.shape for v in out.values())
+    assert torch.allclose(out["reconstruction"], volume, atol=1e-4)
+    assert out["stitch_mask"].sum() == 0 and torch.equal(out["inpainted"], volume) and out["pred"].max() == 0
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_real_unet_runs_both_samplers_reproducibly(sampler):
+    if sampler == "ddpm":
+        settings = {"mask_noise_level": 4, "resample_noise_level": 2}
+        inferer = AutoDDPMAnomalyInferer(DDPMScheduler(1000), median_kernel=3, **settings)
+    else:
+        inferer = AutoDDPMAnomalyInferer(DDIMScheduler(1000), mask_steps=2, resample_steps=1, median_kernel=3)
+    volume = torch.zeros(1, 1, 16, 16, 5)
+    volume[..., 3:13, 3:13, 1:4] = torch.rand(1, 1, 10, 10, 3) * 0.8 + 0.1
+    net = tiny_unet()
+    amap, recon = inferer(volume, net, return_reconstruction=True)
+    assert amap.shape == recon.shape == volume.shape and torch.isfinite(amap).all() and amap.min() >= 0
+    assert torch.equal(recon[..., [0, 4]], volume[..., [0, 4]]) and amap[..., [0, 4]].max() == 0  # no brain: not run
+    assert torch.equal(inferer(volume, net), amap)  # seeded
+    stack = volume[0].permute(3, 0, 1, 2)
+    assert inferer(stack, net).shape == stack.shape
+
+
+def test_stage_plumbing_for_inference_outputs():
+    batch = {"image": torch.rand(1, 1, 4, 4, 2), "mask": torch.ones(1, 1, 4, 4, 2)}
+    assert "return_intermediates" not in StagesPrepareBatch(False)(batch)[3]
+    assert StagesPrepareBatch(True)(batch)[3]["return_intermediates"] is True
+    flat = FlattenStagesd("pred")({"image": 1, "pred": {"pred": 2, "stitched": 3}})
+    assert flat == {"image": 1, "pred": 2, "stitched": 3}
+    assert FlattenStagesd("pred")({"pred": 5}) == {"pred": 5}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# perceptual terms
+
+
+def test_ssim_distance_map():
+    x = torch.rand(2, 1, 20, 20)
+    ssim = SSIMDistance()
+    assert ssim(x, x).shape == x.shape and ssim(x, x).abs().max() < 1e-5
+    y = x.clone()
+    y[..., 8:12, 8:12] = 1 - y[..., 8:12, 8:12]
+    d = ssim(x, y)
+    assert d[..., 8:12, 8:12].mean() > 0.3 and d[..., :3, :3].max() < 1e-5 and d.max() <= 1
+    assert build_perceptual("ssim", {"ssim": {"kernel_size": 7}}).kernel_size == 7
+
+
+def test_lpips_without_package_fails_clearly(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips -> ImportError, as on a machine without it
+    with pytest.raises(ImportError, match="pip install lpips"):
+        build_perceptual("lpips")
+    with pytest.raises(ValueError, match="unknown perceptual"):
+        build_perceptual("dists")
+
+
+def test_lpips_without_weights_fails_clearly_and_never_downloads(monkeypatch, tmp_path):
+    """With the package but no backbone weights in the torch.hub cache: a clear error naming the file."""
+    package = tmp_path / "lpips"
+    (package / "weights" / "v0.1").mkdir(parents=True)
+    (package / "weights" / "v0.1" / "alex.pth").write_bytes(b"")
+
+    class FakeLPIPS(torch.nn.Module):
+        def __init__(self, **kwargs):
+            super().__init__()
+            assert kwargs["spatial"] and kwargs["net"] == "alex"
+
+        def forward(self, a, b):
+            assert a.shape[1] == 3 and a.min() >= -1
+            return (a - b).abs().mean(1, keepdim=True)
+
+    fake = types.ModuleType("lpips")
+    fake.__file__ = str(package / "__init__.py")
+    fake.LPIPS = FakeLPIPS
+    weights = types.SimpleNamespace(IMAGENET1K_V1=types.SimpleNamespace(url="https://x/alexnet-owt-7be5be79.pth"))
+    models = types.ModuleType("torchvision.models")
+    models.AlexNet_Weights = weights
+    monkeypatch.setitem(sys.modules, "lpips", fake)
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.models", models)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match=r"will not be downloaded.*alexnet-owt-7be5be79\.pth"):
+        LPIPSDistance("alex")
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth").write_bytes(b"")
+    distance = build_perceptual("lpips")
+    x = torch.rand(2, 1, 8, 8)
+    assert distance.name == "lpips-alex" and distance(x, x).shape == x.shape and distance(x, x).max() == 0
+    inferer = AutoDDPMAnomalyInferer(DDPMScheduler(1000), perceptual=distance)
+    assert inferer.perceptual_name == "lpips-alex"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real bundle runs on tiny generated data
+
+
+@pytest.fixture(scope="module")
+def trained(demo_cohort, tmp_path_factory):
+    """Train (one epoch, tiny UNet), then evaluate on the Tumour set with tiny DDIM chains: returns the folders."""
+    work = tmp_path_factory.mktemp("autoddpm")
+    common = {**TINY, "dataset_dir": str(demo_cohort), "ckpt_dir": str(work / "models"), "contrast": "t2"}
+    train = run_bundle(
+        "autoddpm_bundle", ["configs/train.json", "configs/demo.json"], {**common, "output_dir": str(work / "train")}
+    )
+    evaluate = run_bundle(
+        "autoddpm_bundle",
+        ["configs/evaluate.json", "configs/demo.json"],
+        {**common, **TINY_SAMPLING, "output_dir": str(work / "eval"), "test_set": "Tumour"},
+    )
+    return {"work": work, "common": common, "train_log": train.stdout + train.stderr, "eval_log": evaluate.stdout}
+
+
+def test_bundle_train_writes_checkpoints_and_logs(trained):
+    models = trained["work"] / "models"
+    assert (models / "model.pt").is_file() and (models / "model_final.pt").is_file()
+    assert list(models.glob("checkpoint_checkpoint_epoch=1.pt"))
+    state = torch.load(models / "model.pt", weights_only=True)
+    assert any(k.startswith("down_blocks.") for k in state) and tiny_unet().state_dict().keys() == state.keys()
+    assert "val_mse" in trained["train_log"] and "train_loss" in trained["train_log"]
+    assert list((trained["work"] / "train").glob("events.out.tfevents.*"))
+
+
+def test_bundle_evaluate_writes_metrics_and_records_settings(trained):
+    out = trained["work"] / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["counts"] == {"val_labelled": 2, "val_healthy": 2, "test": 2, "test_with_lesion": 2}
+    assert set(metrics["thresholds"]) == {"best_dice_val", "fpr_1", "fpr_5", "fpr_10"}
+    assert 0 <= metrics["summary"]["auprc"]["mean"] <= 1
+    assert metrics["extra"] == {
+        "method": "AutoDDPM (mask, stitch, re-sample)",
+        "sampler": "ddim",
+        "perceptual": "1-ssim",
+        "network_passes_per_slice": 4,
+    }
+    assert (out / "per_volume.csv").read_text().count("\n") == 3 and list((out / "overlays").glob("*.png"))
+    stored = json.loads((trained["work"] / "models" / "thresholds.json").read_text())
+    assert stored["threshold"] == metrics["thresholds"]["best_dice_val"]
+    assert re.search(r"auprc\s+\d", trained["eval_log"]) and "perceptual term 1-ssim" in trained["eval_log"]
+
+
+def test_bundle_inference_writes_maps_and_stages_in_input_geometry(trained, demo_cohort, tmp_path):
+    out = tmp_path / "maps"
+    run_bundle(
+        "autoddpm_bundle",
+        ["configs/inference.json", "configs/demo.json"],
+        {
+            **trained["common"],
+            **TINY_SAMPLING,
+            "output_dir": str(out),
+            "datalist": str(demo_cohort / "datalists" / "Tumour_t2.json"),
+            "save_intermediates": True,
+        },
+    )
+    tests = json.loads((demo_cohort / "datalists" / "Tumour_t2.json").read_text())["test"]
+    assert len(tests) == 2
+    for entry in tests:
+        source = nib.load(demo_cohort / "datalists" / entry["image"])
+        case = entry["image"].split("/")[-1].removesuffix(".nii.gz")
+        for postfix, dtype in [
+            ("anomaly_map", np.float32),
+            ("anomaly_mask", np.uint8),
+            ("stage1_reconstruction", np.float32),
+            ("likelihood", np.float32),
+            ("stitch_mask", np.uint8),
+            ("stitched", np.float32),
+            ("inpainted", np.float32),
+        ]:
+            img = nib.load(out / f"{case}_{postfix}.nii.gz")
+            assert img.shape == source.shape and np.allclose(img.affine, source.affine, atol=1e-4), postfix
+            assert img.get_data_dtype() == dtype and np.isfinite(img.get_fdata()).all(), postfix
+        assert set(np.unique(nib.load(out / f"{case}_stitch_mask.nii.gz").get_fdata())) <= {0.0, 1.0}
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_bundle_inference_on_one_file_without_mask(trained, demo_cohort, tmp_path):
+    image = next((demo_cohort / "Test" / "Tumour" / "t2").glob("*.nii.gz"))
+    out = tmp_path / "one"
+    result = run_bundle(
+        "autoddpm_bundle",
+        ["configs/inference.json", "configs/demo.json"],
+        {**trained["common"], **TINY_SAMPLING, "output_dir": str(out), "input_file": str(image)},
+    )
+    assert "no brain mask given" in result.stdout + result.stderr
+    written = nib.load(out / image.name.replace(".nii.gz", "_anomaly_map.nii.gz"))
+    assert written.shape == nib.load(image).shape and not list(out.glob("*_stitched.nii.gz"))
