@@ -9,12 +9,22 @@ import sys
 from pathlib import Path
 
 import pytest
+from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_IXI = REPO.parent / "shared" / "data" / "ixi_t1_axial"
 
-# CPU-sized overrides shared by the bundle tests: tiny grid, tiny networks, one epoch.
+# CPU-sized overrides shared by the bundle tests: tiny grid, one epoch of a few slices (networks: per bundle).
 TINY_GRID = {"pixdim": [6.0, 6.0, 6.0], "image_size": [32, 32, 16]}
+TINY_RUN = {**TINY_GRID, "epochs": 1, "val_interval": 1, "batch_size": 4, "slices_per_volume": 2, "num_workers": 0}
+
+
+def bundle_parser(bundle: str, *names: str) -> ConfigParser:
+    """The merged configs ``<bundle>/configs/<name>`` (in order), with ``bundle_root`` set to the bundle."""
+    parser = ConfigParser()
+    parser.read_config([str(REPO / bundle / "configs" / n) for n in names])
+    parser["bundle_root"] = str(REPO / bundle)
+    return parser
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_GRID, run_bundle
+from conftest import REPO, TINY_GRID, TINY_RUN, bundle_parser, run_bundle
 from monai.bundle import ConfigParser
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
@@ -25,12 +25,7 @@ BUNDLE = REPO / "autoddpm_bundle"
 CONFIGS = BUNDLE / "configs"
 
 TINY = {
-    **TINY_GRID,
-    "epochs": 1,
-    "val_interval": 1,
-    "batch_size": 4,
-    "slices_per_volume": 2,
-    "num_workers": 0,
+    **TINY_RUN,
     "network_def#channels": [8, 16, 16],
     "network_def#num_head_channels": 8,
     "network_def#norm_num_groups": 8,
@@ -49,10 +44,7 @@ def one_thread():
 
 
 def parser(*names: str) -> ConfigParser:
-    p = ConfigParser()
-    p.read_config([str(CONFIGS / n) for n in names])
-    p["bundle_root"] = str(BUNDLE)
-    return p
+    return bundle_parser("autoddpm_bundle", *names)
 
 
 def tiny_unet() -> DiffusionModelUNet:

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_GRID, run_bundle
+from conftest import REPO, TINY_RUN, bundle_parser, run_bundle
 from monai.bundle import ConfigParser
 from monai.networks.schedulers import DDPMScheduler
 
@@ -23,12 +23,7 @@ BUNDLE = REPO / "cddpm_bundle"
 CONFIGS = BUNDLE / "configs"
 
 TINY = {
-    **TINY_GRID,
-    "epochs": 1,
-    "val_interval": 1,
-    "batch_size": 4,
-    "slices_per_volume": 2,
-    "num_workers": 0,
+    **TINY_RUN,
     "latent_dim": 16,
     "encoder#block_inplanes": [8, 8, 8, 8],
     "unet#channels": [8, 16, 16],
@@ -39,10 +34,7 @@ TINY = {
 
 
 def parser(*names: str) -> ConfigParser:
-    p = ConfigParser()
-    p.read_config([str(CONFIGS / n) for n in names])
-    p["bundle_root"] = str(BUNDLE)
-    return p
+    return bundle_parser("cddpm_bundle", *names)
 
 
 def tiny_unet(conditioned: bool = True) -> ConditionedDiffusionModel:
