@@ -28,13 +28,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from ignite.engine import Engine, Events  # noqa: E402
-from monai.data import MetaTensor  # noqa: E402
 from monai.engines.utils import PrepareBatch  # noqa: E402
 from monai.networks.nets.basic_unet import TwoConv, UpCat  # noqa: E402
 from torch import nn  # noqa: E402
 
-from .uad.inference import stack_slices  # noqa: E402
+from .uad.inference import brain_slices  # noqa: E402
 from .uad.io import atomic_output  # noqa: E402
+from .uad.training import EpochSeeded  # noqa: E402
 
 __all__ = [
     "MaskedMSELoss",
@@ -148,7 +148,7 @@ def denormalise_patches(
 # batches
 
 
-class SparKPrepareBatch(PrepareBatch):
+class SparKPrepareBatch(EpochSeeded, PrepareBatch):
     """Draw patch masks for a batch: returns ``(images, images, (), {"patch_mask": mask})``.
 
     With ``SupervisedTrainer``/``SupervisedEvaluator`` and ``SimpleInferer`` the network is called as
@@ -179,22 +179,6 @@ class SparKPrepareBatch(PrepareBatch):
         self.image_key = image_key
         self.mask_key = mask_key
         self.seed = seed
-        self.generator: torch.Generator | None = None
-
-    def attach(self, engine: Engine) -> None:
-        """Reset the generator at every epoch start (use the object as a handler of the evaluator)."""
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.reset())
-
-    def reset(self) -> None:
-        self.generator = None
-
-    def _generator(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.seed)
-        return self.generator
 
     def __call__(
         self,
@@ -204,15 +188,10 @@ class SparKPrepareBatch(PrepareBatch):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict[str, torch.Tensor]]:
         images = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
-        if isinstance(images, MetaTensor):  # plain tensors: per-slice metadata is not needed and slows indexing
-            images = images.as_tensor()
-        if images.ndim == 5:
-            mask = batchdata.get(self.mask_key)
-            brain = images > 0 if mask is None else torch.as_tensor(mask).to(images.device) > 0
-            images = stack_slices(images, brain)[0]
+        images = brain_slices(images, batchdata.get(self.mask_key))
         grid = patch_grid(images.shape, self.patch_size)
         patch_mask = random_patch_mask(
-            images.shape[0], grid, self.mask_ratio, self._generator(images.device), images.device
+            images.shape[0], grid, self.mask_ratio, self.seeded_generator(images.device), images.device
         )
         return images, images, (), {"patch_mask": patch_mask}
 
