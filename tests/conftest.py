@@ -19,6 +19,24 @@ TINY_GRID = {"pixdim": [6.0, 6.0, 6.0], "image_size": [32, 32, 16]}
 TINY_RUN = {**TINY_GRID, "epochs": 1, "val_interval": 1, "batch_size": 4, "slices_per_volume": 2, "num_workers": 0}
 
 
+def tiny_diffusion_unet(conditioned: bool = True, context_dim: int = 16):
+    """The 2D diffusion UNet of the bundle tests' TINY overrides (channels 8/16/16, attention at the lowest level)."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    return DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=1,
+        channels=(8, 16, 16),
+        attention_levels=(False, False, True),
+        num_res_blocks=1,
+        num_head_channels=8,
+        norm_num_groups=8,
+        with_conditioning=conditioned,
+        cross_attention_dim=context_dim if conditioned else None,
+    )
+
+
 def bundle_parser(bundle: str, *names: str) -> ConfigParser:
     """The merged configs ``<bundle>/configs/<name>`` (in order), with ``bundle_root`` set to the bundle."""
     parser = ConfigParser()

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_RUN, bundle_parser, run_bundle
+from conftest import REPO, TINY_RUN, bundle_parser, run_bundle, tiny_diffusion_unet
 from monai.bundle import ConfigParser
 from monai.networks.schedulers import DDPMScheduler
 
@@ -38,20 +38,9 @@ def parser(*names: str) -> ConfigParser:
 
 
 def tiny_unet(conditioned: bool = True) -> ConditionedDiffusionModel:
-    from monai.networks.nets import DiffusionModelUNet, ResNet
+    from monai.networks.nets import ResNet
 
-    unet = DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=1,
-        out_channels=1,
-        channels=(8, 16, 16),
-        attention_levels=(False, False, True),
-        num_res_blocks=1,
-        num_head_channels=8,
-        norm_num_groups=8,
-        with_conditioning=conditioned,
-        cross_attention_dim=16 if conditioned else None,
-    )
+    unet = tiny_diffusion_unet(conditioned)
     encoder = ResNet("basic", [1, 1, 1, 1], [8, 8, 8, 8], spatial_dims=2, n_input_channels=1, num_classes=16)
     return ConditionedDiffusionModel(unet, encoder if conditioned else None)
 

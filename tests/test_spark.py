@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, TINY_RUN, bundle_parser, run_bundle
+from conftest import REPO, TINY_RUN, bundle_parser, run_bundle, tiny_diffusion_unet
 from monai.bundle import ConfigParser
-from monai.networks.nets import DiffusionModelUNet, ResNet
+from monai.networks.nets import ResNet
 
 from cddpm_bundle.scripts.networks import ConditionedDiffusionModel
 from cddpm_bundle.scripts.spark import (
@@ -48,18 +48,7 @@ def bundle_tiny_encoder() -> ResNet:
 
 
 def tiny_cddpm() -> ConditionedDiffusionModel:
-    unet = DiffusionModelUNet(
-        spatial_dims=2,
-        in_channels=1,
-        out_channels=1,
-        channels=(8, 16, 16),
-        attention_levels=(False, False, True),
-        num_res_blocks=1,
-        num_head_channels=8,
-        norm_num_groups=8,
-        with_conditioning=True,
-        cross_attention_dim=16,
-    )
+    unet = tiny_diffusion_unet()
     return ConditionedDiffusionModel(unet, tiny_encoder())
 
 
