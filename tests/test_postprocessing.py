@@ -81,3 +81,12 @@ def test_residual_map_order_of_operations():
     expected = ndimage.median_filter(np.abs(image - recon) * eroded, size=5, mode="constant", cval=0.0) * eroded
     np.testing.assert_allclose(amap, expected, rtol=0, atol=1e-12)
     assert not amap[~eroded].any()
+
+
+def test_median_filter_single_slice_is_in_plane():
+    """2D data (D = 1): a cubic window would be mostly padding and zero the map; the filter works in-plane."""
+    image = np.random.default_rng(1).random((20, 18, 1)).astype(np.float32)
+    expected = ndimage.median_filter(image[..., 0], size=5, mode="constant", cval=0.0)
+    out = median_filter_3d(torch.from_numpy(image), 5).numpy()[..., 0]
+    np.testing.assert_array_equal(out, expected)
+    assert out.max() > 0

@@ -48,6 +48,9 @@ def median_filter_3d(volume: torch.Tensor, kernel_size: int = 5) -> torch.Tensor
     ``monai.networks.layers.median_filter`` pads by replication, so it differs from the scipy reference at the
     borders; this function pads with zeros, which matches masked anomaly maps (zero outside the brain).
 
+    A single-slice volume (D = 1, 2D data) is filtered in-plane (a ``kernel_size``-square window): a cubic window
+    would be mostly zero padding there and zero the whole map.
+
     Args:
         volume: (H, W, D) or (B, 1, H, W, D) volume.
         kernel_size: odd edge length of the cubic window.
@@ -62,15 +65,16 @@ def median_filter_3d(volume: torch.Tensor, kernel_size: int = 5) -> torch.Tensor
     spatial = volume.shape[-3:]
     vols = volume.reshape(-1, *spatial)
     r = kernel_size // 2
-    padded = F.pad(vols, (r, r, r, r, r, r))
-    rows_per_chunk = max(1, _MEDIAN_CHUNK_ELEMENTS // (spatial[1] * spatial[2] * kernel_size**3))
+    kd, rd = (kernel_size, r) if spatial[2] > 1 else (1, 0)
+    padded = F.pad(vols, (rd, rd, r, r, r, r))
+    rows_per_chunk = max(1, _MEDIAN_CHUNK_ELEMENTS // (spatial[1] * spatial[2] * kernel_size**2 * kd))
     out = torch.empty_like(vols)
     for b in range(vols.shape[0]):
         for h0 in range(0, spatial[0], rows_per_chunk):
             h1 = min(h0 + rows_per_chunk, spatial[0])
-            # (h, W, D, k, k, k) sliding windows of the padded slab, flattened to (h, W, D, k^3)
+            # (h, W, D, k, k, kd) sliding windows of the padded slab, flattened to (h, W, D, k * k * kd)
             windows = padded[b, h0 : h1 + 2 * r].unfold(0, kernel_size, 1).unfold(1, kernel_size, 1)
-            windows = windows.unfold(2, kernel_size, 1).reshape(h1 - h0, spatial[1], spatial[2], -1)
+            windows = windows.unfold(2, kd, 1).reshape(h1 - h0, spatial[1], spatial[2], -1)
             out[b, h0:h1] = windows.median(dim=-1).values
     return out.reshape(volume.shape)
 
