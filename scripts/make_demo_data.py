@@ -67,6 +67,7 @@ FORMAT_VERSION = 1
 # Subjects per size: healthy train / val / test, and val / test per lesion set.
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {"train": 4, "val": 2, "test": 2, "lesion_val": 2, "lesion_test": 2},
+    "small": {"train": 6, "val": 3, "test": 2, "lesion_val": 3, "lesion_test": 4},
     "default": {"train": 24, "val": 6, "test": 6, "lesion_val": 6, "lesion_test": 8},
     "large": {"train": 96, "val": 24, "test": 24, "lesion_val": 24, "lesion_test": 32},
 }

@@ -1,0 +1,77 @@
+"""Baseline inferers and the benchmark scripts (tiny runs through the real bundle commands)."""
+
+from __future__ import annotations
+
+import json
+
+import benchmark
+import benchmark_speed
+import numpy as np
+import pytest
+import torch
+from uad.baselines import TemplateResidualInferer, mean_healthy_image
+from uad.postprocessing import residual_anomaly_map
+
+
+def _volume(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    image = torch.from_numpy(rng.random((1, 1, 16, 16, 6)).astype(np.float32))
+    mask = torch.zeros_like(image)
+    mask[..., 3:13, 3:13, :] = 1
+    return image * mask, mask
+
+
+def test_intensity_baseline_is_the_masked_filtered_intensity():
+    image, mask = _volume(0)
+    anomaly, recon = TemplateResidualInferer()(image, None, mask=mask, return_reconstruction=True)
+    assert not recon.any()
+    torch.testing.assert_close(anomaly, residual_anomaly_map(image, torch.zeros_like(image), mask))
+
+
+def test_mean_image_baseline_uses_the_mean_of_masked_healthy_images(tmp_path):
+    volumes = [_volume(s) for s in range(3)]
+    entries = [{"image": v[0][0], "mask": v[1][0]} for v in volumes]
+    mean = mean_healthy_image(entries, lambda d: d)
+    torch.testing.assert_close(mean, sum(v[0] for v in volumes) / 3)
+    torch.save(mean, tmp_path / "mean.pt")
+    image, mask = volumes[0]
+    anomaly = TemplateResidualInferer(tmp_path / "mean.pt")(image, None, mask=mask)
+    torch.testing.assert_close(anomaly, residual_anomaly_map(image, mean * mask, mask))
+    with pytest.raises(ValueError, match="template shape"):
+        TemplateResidualInferer(mean[..., :3])(image, None, mask=mask)
+    with pytest.raises(ValueError, match="no healthy images"):
+        mean_healthy_image([], lambda d: d)
+
+
+def test_speed_benchmark_times_both_bundles(tmp_path):
+    args = ["--demo", "--device", "cpu", "--train-batch", "2", "--slices", "1", "--iterations", "1"]
+    args += ["--variants", "fp32", "--autoddpm-samplers", "ddim", "--out", str(tmp_path)]
+    assert benchmark_speed.main(args) == 0
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert report["machine"]["cores"] >= 1 and report["command"].startswith("python ")
+    rows = {r["bundle"]: r for r in report["rows"]}
+    assert rows["cddpm"]["passes_per_slice"] == 3 and rows["autoddpm"]["passes_per_slice"] == 35
+    assert all(r["train_s_per_iter"] > 0 and r["infer_s_per_slice"] > 0 for r in rows.values())
+    assert "| cddpm |" in (tmp_path / "speed.md").read_text()
+
+
+def test_benchmark_trains_in_stages_and_reports(demo_cohort, tmp_path):
+    """Baselines and one diffusion model at a budget of 2 iterations in 2 curve points, then a resumed rerun."""
+    args = ["--data", "demo", "--demo-data", str(demo_cohort), "--demo-sets", "Tumour", "--budget", "2"]
+    args += ["--curve-points", "2", "--methods", "intensity", "mean_image", "ddpm", "--out", str(tmp_path)]
+    assert benchmark.main(args) == 0
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    rows = report["rows"]
+    assert [(r["key"], r["step"]) for r in rows] == [("ddpm", 1), ("intensity", 2), ("mean_image", 2), ("ddpm", 2)]
+    assert all(0 <= r["auprc"] <= 1 and r["chance_auprc"] > 0 for r in rows)
+    ddpm = rows[-1]
+    assert ddpm["passes"] == 3 and ddpm["train_s_per_iter"] > 0 and ddpm["method"] == "DDPM (unconditioned)"
+    assert (tmp_path / "demo_t2" / "ddpm" / "models" / "step_1.pt").is_file()
+    assert (tmp_path / "learning_curve_demo_t2.png").stat().st_size > 0
+    assert (tmp_path / "example_maps_demo_t2_Tumour.png").stat().st_size > 0
+    markdown = (tmp_path / "benchmark.md").read_text()
+    assert "## demo_t2 / Tumour" in markdown and "| mean healthy image |" in markdown
+    # an interrupted run continues: everything is on file, so the rerun trains and evaluates nothing
+    (tmp_path / "benchmark.md").unlink()
+    assert benchmark.main(args) == 0
+    assert json.loads((tmp_path / "benchmark.json").read_text())["rows"] == rows
