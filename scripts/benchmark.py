@@ -45,6 +45,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from benchmarking import BUNDLES, REPO, bundle_context, header, load_config, markdown_table, write_report  # noqa: E402
+from run_demo import bundle_command  # noqa: E402
 from uad.baselines import mean_healthy_image  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -122,10 +123,7 @@ def run_bundle(bundle: str, configs: list[str], log: Path, **overrides) -> tuple
 
     Fails with the tail of the log when the command fails.
     """
-    files = [c if c.endswith(".json") else f"configs/{c}.json" for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    cmd = bundle_command([c if c.endswith(".json") else f"configs/{c}.json" for c in configs], overrides)
     logger.info("$ (cd %s && python %s)", BUNDLES[bundle].name, " ".join(cmd[1:]))
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

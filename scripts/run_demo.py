@@ -1,10 +1,15 @@
-"""The main job on the built-in demo data: build the demo cohort, train, evaluate and run inference with the bundles.
+"""The main job on the built-in demo data: make a demo cohort, evaluate both bundles, print their metrics side by side.
+
+By default it evaluates the trained demo weights shipped in each bundle (``models/demo_model.pt``, trained on the demo
+cohort of seed 0, see the bundles' docs) on a freshly generated cohort of another seed (``--seed 1``), so nothing it is
+tested on was seen in training; thresholds are calibrated on that cohort's validation split only. ``--train`` trains
+the demo-sized bundles from scratch first (CPU: about 10 min for cDDPM, 20 min for AutoDDPM at 100 epochs).
 
 Every step is the real bundle command a user runs (``python -m monai.bundle run`` inside the bundle folder), with the
 CPU-sized ``configs/demo.json`` overrides; this script only chains them and prints the metrics side by side.
 
-    python scripts/run_demo.py [--out demo] [--epochs 100] [--sets Tumour MS Stroke] [--contrast t2]
-        [--methods cddpm autoddpm]
+    python scripts/run_demo.py [--out demo] [--seed 1] [--sets Tumour MS Stroke] [--contrast t2]
+        [--methods cddpm autoddpm] [--train [--epochs 100]]
 """
 
 from __future__ import annotations
@@ -27,12 +32,19 @@ COLUMNS = (
 )
 
 
-def bundle_run(bundle: str, configs: list[str], **overrides) -> None:
-    """``python -m monai.bundle run`` in the bundle folder with ``--key value`` overrides (exits on failure)."""
+def bundle_command(configs: list[str], overrides: dict) -> list[str]:
+    """The ``python -m monai.bundle run`` command line with ``--key value`` overrides, values as the CLI parses them."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs)]
     for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    print(f"\n$ (cd {bundle} && {' '.join(cmd[1:])})", flush=True)
+        text = value if isinstance(value, str) else str(value) if isinstance(value, bool) else json.dumps(value)
+        cmd += [f"--{key}", text]
+    return cmd
+
+
+def bundle_run(bundle: str, configs: list[str], **overrides) -> None:
+    """``python -m monai.bundle run`` in the bundle folder with ``--key value`` overrides (exits on failure)."""
+    cmd = bundle_command(configs, overrides)
+    print(f"\n$ (cd {bundle} && python {' '.join(cmd[1:])})", flush=True)
     subprocess.run(cmd, cwd=REPO / bundle, check=True)
 
 
@@ -57,19 +69,21 @@ def format_table(rows: dict[tuple[str, str], dict[str, float]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "demo", help="working folder (data, models, results)")
-    parser.add_argument("--seed", type=int, default=0, help="demo cohort seed")
-    parser.add_argument("--size", default="default", choices=("tiny", "default", "large"), help="demo cohort size")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: configs/demo.json)")
+    parser.add_argument("--seed", type=int, default=1, help="demo cohort seed (the shipped weights saw seed 0)")
+    parser.add_argument(
+        "--size", default="small", choices=("tiny", "small", "default", "large"), help="demo cohort size"
+    )
+    parser.add_argument("--train", action="store_true", help="train from scratch instead of using the shipped weights")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs with --train (default: demo.json)")
     parser.add_argument("--sets", nargs="+", default=["Tumour", "MS", "Stroke"], help="lesion sets to evaluate")
     parser.add_argument("--contrast", default="t2", choices=("t1", "t2"))
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["cddpm"],
+        default=list(BUNDLES),
         choices=list(BUNDLES),
-        help="bundles to run (autoddpm adds ~20 min of CPU training and ~12 min per lesion set)",
+        help="bundles to run",
     )
-    parser.add_argument("--skip-train", action="store_true", help="evaluate the weights already in OUT/<method>/models")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     start = time.time()
@@ -85,9 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         bundle, work = BUNDLES[method], out / method
         common = {"dataset_dir": str(data), "contrast": args.contrast, "ckpt_dir": str(work / "models")}
         configs = lambda name: [f"configs/{name}.json", "configs/demo.json"]  # noqa: E731
-        if not args.skip_train:
+        if args.train:
             extra = {"epochs": args.epochs} if args.epochs else {}
             bundle_run(bundle, configs("train"), **common, output_dir=str(work / "train"), **extra)
+        else:
+            common["ckpt_path"] = str(REPO / bundle / "models" / "demo_model.pt")
+        if method == "autoddpm":
+            common["amp"] = True  # its 35-pass chains: bf16 autocast on CPU (fp16 on GPU), about 1.6x faster here
         for set_name in args.sets:
             thresholds = str(work / "models" / f"thresholds_{set_name}_{args.contrast}.json")
             bundle_run(
