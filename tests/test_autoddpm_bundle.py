@@ -113,7 +113,8 @@ def test_default_configs_are_paper_sized(bundle_imports):
     assert p["image_size"] == [96, 96, 50] and p["pixdim"] == [2.0, 2.0, 2.0]
     # resumable like the cDDPM bundle (whose test suite runs an actual resume): same shared hook, same state
     assert "$scripts.uad.training.attach_resume(@train#trainer, @ckpt_dir, @resume_state, @device)" in p["initialize"]
-    assert p["resume_state"] == {"network": "@network", "optimizer": "@optimizer", "trainer": "@train#trainer"}
+    cddpm_train = json.loads((REPO / "cddpm_bundle" / "configs" / "train.json").read_text())
+    assert p["resume_state"] == cddpm_train["resume_state"]
     inference = parser("inference.json")
     keys = ("mask_noise_level", "resample_noise_level", "resample_repeats", "mask_threshold", "mask_dilation")
     assert [inference[k] for k in keys] == [200, 50, 5, 0.13, 3]

@@ -240,10 +240,19 @@ def test_bundle_train_writes_checkpoints_and_logs(trained):
 
 
 def test_bundle_train_resumes_from_checkpoint(trained, tmp_path):
+    """Training continues from the checkpoint, and the best model saved before the interruption is only replaced by
+    a better one: here the recorded best val_l1 is made unbeatable (0), so model.pt must survive the resumed run."""
     models = tmp_path / "models"
     models.mkdir()
     src = next((trained["work"] / "models").glob("checkpoint_checkpoint_epoch=1.pt"))
-    (models / src.name).write_bytes(src.read_bytes())
+    state = torch.load(src, weights_only=True)
+    assert state["best_model"]["best_metric_epoch"] == 1
+    ((_, saved_name),) = state["best_model"]["key_metric_checkpoint"]["_saved"]  # (priority = -val_l1, name)
+    state["best_model"]["best_metric"] = 0.0
+    state["best_model"]["key_metric_checkpoint"]["_saved"] = [(-0.0, saved_name)]
+    torch.save(state, models / src.name)
+    (models / "model.pt").write_bytes((trained["work"] / "models" / "model.pt").read_bytes())
+    best_before = (models / "model.pt").read_bytes()
     result = run_bundle(
         "cddpm_bundle",
         ["configs/train.json", "configs/demo.json"],
@@ -252,6 +261,8 @@ def test_bundle_train_resumes_from_checkpoint(trained, tmp_path):
     log = result.stdout + result.stderr
     assert "resuming training from" in log and "Epoch: 2/2" in log and "Epoch: 1/2" not in log
     assert (models / "checkpoint_checkpoint_epoch=2.pt").is_file()
+    assert (models / "model.pt").read_bytes() == best_before
+    assert "val_l1 best value: 0.0 at epoch: 1" in log
 
 
 def test_bundle_evaluate_writes_metrics_thresholds_and_figures(trained):

@@ -13,6 +13,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
 __all__ = [
+    "BestMetricState",
     "EpochSeeded",
     "attach_resume",
     "latest_checkpoint",
@@ -114,6 +115,36 @@ def load_pretrained_encoder(network: nn.Module, path: str | os.PathLike | None, 
     module.load_state_dict(state, strict=True)
     logger.info("initialised the %s from the pretrained weights in %s", key, path)
     return network
+
+
+class BestMetricState:
+    """The best validation so far, as resumable state: the evaluator's best key metric and epoch, and what its
+    key-metric ``CheckpointSaver`` has saved. Put it in ``attach_resume``'s state so that a resumed run replaces the
+    best model (e.g. ``model.pt``) only when it improves on the one saved before the interruption.
+
+    Args:
+        evaluator: the validation workflow (``SupervisedEvaluator``) with a key metric.
+        saver: the ``CheckpointSaver`` attached to it with ``save_key_metric=True``.
+    """
+
+    def __init__(self, evaluator: Engine, saver: CheckpointSaver) -> None:
+        if getattr(saver, "_key_metric_checkpoint", None) is None:
+            raise ValueError("BestMetricState needs a CheckpointSaver with save_key_metric=True")
+        self.evaluator = evaluator
+        self.checkpoint = saver._key_metric_checkpoint  # the ignite Checkpoint that keeps the best model
+
+    def state_dict(self) -> dict:
+        state = self.evaluator.state
+        return {
+            "best_metric": float(state.best_metric),
+            "best_metric_epoch": int(state.best_metric_epoch),
+            "key_metric_checkpoint": dict(self.checkpoint.state_dict()),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+        self.checkpoint.load_state_dict(state["key_metric_checkpoint"])
 
 
 def attach_resume(trainer: Engine, ckpt_dir: str | os.PathLike, state: dict, map_location=None) -> str | None:
