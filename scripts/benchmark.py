@@ -45,7 +45,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from benchmarking import BUNDLES, REPO, bundle_context, header, load_config, markdown_table, write_report  # noqa: E402
-from run_demo import bundle_command  # noqa: E402
+from make_demo_data import SIZES  # noqa: E402
+from run_demo import bundle_command, chance_auprc  # noqa: E402
 from uad.baselines import mean_healthy_image  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -256,7 +257,7 @@ def evaluate(
             "passes": metrics.get("extra", {}).get("network_passes_per_slice"),
             "infer_s_per_slice": seconds / n_slices,
             "infer_s_per_volume": seconds / n_slices * 50,
-            "chance_auprc": summary["n_lesion_voxels"]["mean"] / summary["n_brain_voxels"]["mean"],
+            "chance_auprc": chance_auprc(summary),
         }
     )
     return row
@@ -301,6 +302,11 @@ def run_dataset(dataset: Dataset, out: Path, args) -> list[dict[str, Any]]:
     return rows
 
 
+def final_rows(rows: list[dict[str, Any]], data: str, target: str) -> dict[str, dict[str, Any]]:
+    """Per method, its row at the last evaluated step for one data set and target (rows come in step order)."""
+    return {r["key"]: r for r in rows if r["data"] == data and r["target"] == target}
+
+
 def plot_curves(rows: list[dict[str, Any]], data: str, path: Path) -> None:
     """AUPRC and Dice@val-thr against training iterations, one panel per target; baselines as lines."""
     targets = sorted({r["target"] for r in rows if r["data"] == data})
@@ -327,10 +333,7 @@ def plot_curves(rows: list[dict[str, Any]], data: str, path: Path) -> None:
 
 def plot_examples(rows: list[dict[str, Any]], data: str, target: str, path: Path) -> None:
     """The first overlay (input, reconstruction, map, ground truth) of every method's final evaluation, stacked."""
-    final = {}
-    for r in rows:
-        if r["data"] == data and r["target"] == target:
-            final[r["key"]] = r  # rows are in step order: the last one wins
+    final = final_rows(rows, data, target)
     panels = [(k, sorted(Path(r["eval_dir"], "overlays").glob("*.png"))) for k, r in final.items()]
     panels = [(k, files[0]) for k, files in panels if files]
     if not panels:
@@ -357,10 +360,7 @@ def report(rows: list[dict[str, Any]], args, out: Path) -> str:
     )
     for data in dict.fromkeys(r["data"] for r in rows):
         for target in dict.fromkeys(r["target"] for r in rows if r["data"] == data):
-            sel = [r for r in rows if r["data"] == data and r["target"] == target]
-            last = {}
-            for r in sel:
-                last[r["key"]] = r
+            last = final_rows(rows, data, target)
             chance = next(iter(last.values()))["chance_auprc"]
             parts.append(f"## {data} / {target} (chance AUPRC {chance:.3f})\n")
             parts.append(markdown_table(list(last.values()), COLUMNS) + "\n")
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ixi", type=Path, default=REPO.parent / "shared" / "data" / "ixi_t1_axial")
     parser.add_argument("--demo-data", type=Path, default=None, help="an existing demo cohort (default: generate one)")
-    parser.add_argument("--demo-size", default="default", choices=("tiny", "small", "default", "large"))
+    parser.add_argument("--demo-size", default="default", choices=list(SIZES))
     parser.add_argument("--demo-sets", nargs="+", default=["Tumour", "MS", "Stroke"])
     parser.add_argument("--contrasts", nargs="+", default=["t2"], choices=("t1", "t2"))
     parser.add_argument("--num-workers", type=int, default=0)

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from make_demo_data import SIZES
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = {"cddpm": "cddpm_bundle", "autoddpm": "autoddpm_bundle"}
 COLUMNS = (
@@ -48,12 +50,16 @@ def bundle_run(bundle: str, configs: list[str], **overrides) -> None:
     subprocess.run(cmd, cwd=REPO / bundle, check=True)
 
 
+def chance_auprc(summary: dict) -> float:
+    """The AUPRC of a random map: the lesion prevalence inside the brain (means over the test volumes)."""
+    return summary["n_lesion_voxels"]["mean"] / summary["n_brain_voxels"]["mean"]
+
+
 def metrics_row(metrics: dict) -> dict[str, float]:
-    """The table's columns, plus the AUPRC of a random map (the lesion prevalence inside the brain)."""
+    """The table's columns, plus the AUPRC of a random map."""
     summary = metrics["summary"]
     row = {label: summary.get(key, {}).get("mean", float("nan")) for key, label in COLUMNS}
-    lesion, brain = summary["n_lesion_voxels"]["mean"], summary["n_brain_voxels"]["mean"]
-    row["chance AUPRC"] = lesion / brain
+    row["chance AUPRC"] = chance_auprc(summary)
     return row
 
 
@@ -70,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "demo", help="working folder (data, models, results)")
     parser.add_argument("--seed", type=int, default=1, help="demo cohort seed (the shipped weights saw seed 0)")
-    parser.add_argument(
-        "--size", default="small", choices=("tiny", "small", "default", "large"), help="demo cohort size"
-    )
+    parser.add_argument("--size", default="small", choices=list(SIZES), help="demo cohort size")
     parser.add_argument("--train", action="store_true", help="train from scratch instead of using the shipped weights")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs with --train (default: demo.json)")
     parser.add_argument("--sets", nargs="+", default=["Tumour", "MS", "Stroke"], help="lesion sets to evaluate")

@@ -107,10 +107,5 @@ class CDDPMAnomalyInferer(Inferer):
         recon_slices = self.reconstruct(slices, network)
         recon = volumes.clone()  # slices without brain are not run: their residual is zero
         recon.permute(0, 4, 1, 2, 3)[index] = recon_slices
-        maps = torch.stack(
-            [
-                residual_anomaly_map(v[0], r[0], m[0], self.erosion_iterations, self.median_kernel)[None]
-                for v, r, m in zip(volumes, recon, brain, strict=True)
-            ]
-        )
+        maps = residual_anomaly_map(volumes, recon, brain, self.erosion_iterations, self.median_kernel)
         return (restore(maps), restore(recon)) if return_reconstruction else restore(maps)
