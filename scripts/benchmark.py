@@ -8,7 +8,12 @@ Methods (``--methods``):
 - ``cddpm``: the cDDPM bundle (simplex noise); ``cddpm_gaussian``: with Gaussian noise (``gaussian_noise.json``);
 - ``cddpm_spark``: cDDPM whose encoder starts from SparK pretraining (``pretrain_encoder.json``, budget / 2 iterations);
 - ``autoddpm_ref`` / ``autoddpm_fast``: one AutoDDPM training, evaluated with the exact DDPM chain (450 passes per
-  slice) and with the DDIM setting (35 passes).
+  slice) and with the DDIM setting (35 passes);
+- learning-efficiency variants of ``cddpm``, one change each: ``cddpm_t200_800`` (train on t in [200, 800), the test
+  noise levels), ``cddpm_linear`` (linear instead of cosine schedule), ``cddpm_small`` (UNet 16/32/32),
+  ``cddpm_warmup`` (``configs/warmup.json``), ``cddpm_ema`` (``configs/ema.json``, EMA weights validated and saved),
+  ``cddpm_brain_crop`` (``configs/brain_crop.json``, training slices cropped to the brain box; inference on the
+  brain box, ``--brain_crop True``).
 
 Every training and evaluation is the bundle's own ``python -m monai.bundle run`` command (the commands are logged).
 Training runs in ``--curve-points`` stages of ``budget / points`` iterations, resuming from the bundle's checkpoint;
@@ -60,6 +65,7 @@ class Method:
     bundle: str = "cddpm"
     training: str | None = None  # name of the training it uses (methods sharing one training name it alike)
     configs: tuple[str, ...] = ()  # extra bundle config files, for training and evaluation
+    train_configs: tuple[str, ...] = ()  # extra bundle config files, for training only
     overrides: dict[str, Any] = field(default_factory=dict)  # config keys, for training and evaluation
     eval_overrides: dict[str, Any] = field(default_factory=dict)
     pretrain: bool = False
@@ -88,6 +94,14 @@ METHODS = {
         "cDDPM, UNet 16/32/32",
         training="cddpm_small",
         overrides={"unet#channels": [16, 32, 32], "unet#num_head_channels": 16, "unet#norm_num_groups": 8},
+    ),
+    "cddpm_warmup": Method("cDDPM, LR warm-up 100 it", training="cddpm_warmup", train_configs=("warmup",)),
+    "cddpm_ema": Method("cDDPM, EMA weights", training="cddpm_ema", train_configs=("ema",)),
+    "cddpm_brain_crop": Method(
+        "cDDPM, brain-box crop",
+        training="cddpm_brain_crop",
+        train_configs=("brain_crop",),
+        eval_overrides={"brain_crop": True},
     ),
 }
 DEFAULT_METHODS = [m for m in METHODS if not m.startswith("cddpm_") or m in ("cddpm_gaussian", "cddpm_spark")]
@@ -206,7 +220,7 @@ def train_stage(name: str, method: Method, dataset: Dataset, work: Path, stage: 
     common["num_workers"] = args.num_workers
     per_stage = args.budget // args.curve_points
     stage_keys = {"epochs": stage, "train#trainer#epoch_length": per_stage, "val_interval": 1}
-    configs = ["train", "demo", *method.configs]
+    configs = ["train", "demo", *method.configs, *method.train_configs]
     log = work / "train.log"
     if method.pretrain:
         encoder = work / "pretrain" / "encoder.pt"

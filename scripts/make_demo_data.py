@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import csv
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
+from uad.data import MNI152_FILES, mni152_path
 
 __all__ = [
     "CONTRASTS",
@@ -52,7 +52,6 @@ __all__ = [
     "plot_cohort",
     "subject_rng",
     "synthesize_subject",
-    "template_dir",
     "write_nifti",
 ]
 
@@ -77,32 +76,9 @@ _SET_CODES = {"IXI": 0, "Tumour": 1, "MS": 2, "Stroke": 3}
 _LESION_ALIASES = {"tumour": "Tumour", "tumor": "Tumour", "ms": "MS", "stroke": "Stroke"}
 # Plausible age ranges (years) per set.
 _AGE_RANGES = {"IXI": (20, 86), "Tumour": (25, 80), "MS": (20, 60), "Stroke": (45, 90)}
-_TEMPLATE_FILES = {
-    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
-}
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Template anatomy
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def template_dir() -> str:
-    """Folder of the MNI152 2009a template files that ship inside the installed nilearn package.
-
-    Located without importing ``nilearn.datasets`` (whose import pulls in scikit-learn and takes seconds).
-    """
-    spec = importlib.util.find_spec("nilearn")
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            folder = os.path.join(location, "datasets", "data")
-            if os.path.isfile(os.path.join(folder, _TEMPLATE_FILES["t1"])):
-                return folder
-    import nilearn.datasets
-
-    return os.path.join(os.path.dirname(nilearn.datasets.__file__), "data")
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -154,8 +130,7 @@ def _extract_box(volume: np.ndarray, start: Sequence[int], shape: Sequence[int])
 
 @functools.lru_cache(maxsize=4)
 def _cached_anatomy(spacing: float, margin: int, multiple: int) -> dict:
-    folder = template_dir()
-    images = {k: nib.load(os.path.join(folder, f)) for k, f in _TEMPLATE_FILES.items()}
+    images = {k: nib.load(mni152_path(k)) for k in MNI152_FILES}
     affine_1mm = images["t1"].affine.astype(np.float64)
     factor = spacing / float(np.mean(np.abs(np.diag(affine_1mm)[:3])))
     raw = np.asarray(images["t1"].dataobj)

@@ -7,7 +7,7 @@ Input: ``train/`` and ``val/`` folders of uint8 PNG slices (233 x 197 px, 1 mm, 
 
 Brain masks: all slices share the MNI152 1 mm grid, so the brain mask of nilearn's MNI152 template serves every
 subject. It is computed as ``nilearn.datasets.load_mni152_brain_mask`` does (template T1 / max > 0.2), from the T1
-file bundled in the nilearn wheel (found by ``make_demo_data.template_dir``; nothing is downloaded). The axial
+file bundled in the nilearn wheel (found by ``uad.data.mni152_path``; nothing is downloaded). The axial
 template slice and in-plane orientation are chosen by correlating the mean IXI slice with every axial template slice
 under the 8 flips/transpositions (those giving the IXI shape when any do; otherwise all 8, centre-cropped/zero-padded
 to it: both grids are 1 mm, so no interpolation is needed). Per subject: template mask (holes filled) AND image > 5 %
@@ -42,14 +42,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from make_demo_data import template_dir
 from PIL import Image
 from scipy import ndimage as ndi
-from uad.data import write_datalist
+from uad.data import MNI152_FILES, mni152_path, write_datalist
 
 __all__ = ["best_slice", "brain_mask", "build_ixi_benchmark", "insert_lesion", "main", "match_template", "orient"]
 
-TEMPLATE_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 AFFINE = np.eye(4)  # 1 mm, array axes = PNG rows, columns; one slice
 CONTRAST_RANGE = (0.15, 0.45)
 RADIUS_RANGE = (4.0, 15.0)
@@ -78,7 +76,7 @@ def _fit(a: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _template_t1() -> np.ndarray:
-    return np.asarray(nib.load(os.path.join(template_dir(), TEMPLATE_T1)).dataobj, dtype=np.float32)
+    return np.asarray(nib.load(mni152_path("t1")).dataobj, dtype=np.float32)
 
 
 def match_template(mean_image: np.ndarray) -> dict:
@@ -290,7 +288,7 @@ def build_ixi_benchmark(
     summary = {
         "seed": seed,
         "counts": dict(training=len(training), calibration=len(calib), healthy_calib=len(healthy), test=len(test)),
-        "template": {**match, "file": TEMPLATE_T1, "template_mask_px": int(tmask.sum())},
+        "template": {**match, "file": MNI152_FILES["t1"], "template_mask_px": int(tmask.sum())},
         "mask": {
             "area_px_min_median_max": [int(area.min()), float(np.median(area)), int(area.max())],
             "fraction_of_template_mask_min_median_max": [round(float(q), 3) for q in np.percentile(kept, [0, 50, 100])],

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import sys
@@ -39,7 +38,7 @@ import itk
 import nibabel as nib
 import numpy as np
 from tqdm import tqdm
-from uad.data import case_name, load_datalist, write_datalist
+from uad.data import case_name, load_datalist, mni152_path, write_datalist
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -62,17 +61,7 @@ ImageUC = itk.Image[itk.UC, 3]
 SECTIONS = ("training", "validation", "test")
 
 
-def _default_template() -> str:
-    """Path of the MNI152 2009a symmetric T1 template (skull-stripped, 1 mm) shipped in ``nilearn/datasets/data``.
-
-    Found without importing nilearn (slow); the same file as under ``os.path.dirname(nilearn.datasets.__file__)``.
-    """
-    spec = importlib.util.find_spec("nilearn")
-    root = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else "nilearn"
-    return os.path.join(root, "datasets", "data", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
-
-
-DEFAULT_TEMPLATE = _default_template()
+DEFAULT_TEMPLATE = mni152_path("t1")  # MNI152 2009a symmetric T1, skull-stripped, 1 mm (in the nilearn wheel)
 
 
 # ----------------------------------------------------------------------------------------------------------- reading

@@ -17,6 +17,7 @@ from cddpm_bundle.scripts.diffusion import X0PrepareBatch
 from cddpm_bundle.scripts.inferer import CDDPMAnomalyInferer
 from cddpm_bundle.scripts.networks import ConditionedDiffusionModel
 from cddpm_bundle.scripts.simplex import GaussianNoise, SimplexNoise
+from cddpm_bundle.scripts.uad.inference import brain_box
 from cddpm_bundle.scripts.uad.training import load_weights
 
 BUNDLE = REPO / "cddpm_bundle"
@@ -182,6 +183,36 @@ def test_identity_network_gives_zero_anomaly_map():
     assert inferer(stack, _Identity()).shape == stack.shape
 
 
+def test_brain_box_is_the_brain_extent_grown_to_multiples_inside_the_image():
+    brain = torch.zeros(3, 1, 24, 20, dtype=torch.bool)
+    brain[0, 0, 5:10, 3:8] = True
+    brain[2, 0, 7:15, 6:9] = True  # union: rows 5-14 (10), columns 3-8 (6)
+    rows, cols = brain_box(brain, 4)
+    assert (rows.stop - rows.start, cols.stop - cols.start) == (12, 8)
+    assert rows.start <= 5 and rows.stop >= 15 and cols.start <= 3 and cols.stop >= 9
+    edge = torch.zeros(1, 1, 24, 20, dtype=torch.bool)
+    edge[0, 0, 0:3, 17:20] = True  # at the corner: the box is shifted inside the image
+    assert brain_box(edge, 8) == (slice(0, 8), slice(12, 20))
+    assert brain_box(torch.zeros_like(edge), 4) == (slice(0, 24), slice(0, 20))
+
+
+def test_inferer_runs_the_network_on_the_brain_box_only():
+    seen = []
+
+    class Recorder(_Identity):
+        def forward(self, x, timesteps, condition=None):
+            seen.append(tuple(x.shape))
+            return super().forward(x, timesteps, condition)
+
+    volume = torch.zeros(1, 1, 32, 32, 3)
+    volume[..., 9:19, 6:12, :] = 0.5
+    inferer = CDDPMAnomalyInferer(
+        DDPMScheduler(1000), SimplexNoise(frequency=8), timesteps=(500,), brain_box_multiple=4
+    )
+    amap, recon = inferer(volume, Recorder(), mask=volume > 0, return_reconstruction=True)
+    assert seen == [(3, 1, 12, 8)] and torch.count_nonzero(amap) == 0 and torch.equal(recon, volume)
+
+
 def test_inferer_marks_inserted_anomaly_with_healing_network():
     """A network that 'heals' (returns the healthy image) makes the residual peak at the lesion."""
     healthy = torch.zeros(1, 1, 32, 32, 8)
@@ -318,15 +349,21 @@ def test_bundle_inference_on_one_file_without_mask(trained, demo_cohort, tmp_pat
 
 
 def test_bundle_trains_with_torchrun_on_two_cpu_processes(demo_cohort, tmp_path):
+    """DDP on 2 gloo processes, with the warm-up and EMA overlays (their handlers run on every rank)."""
     models = tmp_path / "models"
+    configs = ["configs/train.json", "configs/demo.json", "configs/warmup.json", "configs/ema.json"]
     result = run_bundle(
         "cddpm_bundle",
-        ["configs/train.json", "configs/demo.json", "configs/multi_gpu_train.json"],
+        [*configs, "configs/multi_gpu_train.json"],
         {**TINY, "dataset_dir": str(demo_cohort), "ckpt_dir": str(models), "output_dir": str(tmp_path / "out")},
         nproc=2,
     )
     log = result.stdout + result.stderr
     assert "val_l1" in log and (models / "model.pt").is_file() and (models / "model_final.pt").is_file()
+    checkpoint = torch.load(models / "checkpoint_checkpoint_epoch=1.pt", weights_only=True)
+    assert checkpoint["lr_scheduler"]["last_epoch"] == 1 and not any(
+        k.startswith("module.") for k in checkpoint["ema_network"]
+    )
     state = torch.load(models / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state)  # DDP wrapper not saved: loads into the plain network
     load_weights(tiny_unet(), models / "model.pt")
@@ -352,3 +389,52 @@ def test_bundle_tracks_runs_in_mlflow_sqlite(demo_cohort, tmp_path):
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["cddpm_ci"])
     assert len(runs) == 1 and runs["metrics.train_loss"].notna().all() and runs["metrics.val_l1"].notna().all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# learning-efficiency overlays: warm-up, EMA weights, brain-box crop
+
+
+def test_overlays_compose_by_appending_handlers_and_resume_state():
+    p = parser("train.json", "warmup.json", "ema.json", "brain_crop.json")
+    targets = [h if isinstance(h, str) else h["_target_"] for h in p["train#handlers"]]
+    assert targets[:2] == ["ValidationHandler", "CheckpointSaver"] and targets[-2:] == ["LrScheduleHandler", "@ema"]
+    assert set(p["resume_state"]) == {"network", "optimizer", "trainer", "best_model", "lr_scheduler", "ema_network"}
+    assert p["validate#evaluator#network"] == p["validate#handlers#3#save_dict#network"] == "$@ema.ema_model"
+
+
+def test_brain_crop_gives_brain_box_slices_padded_to_the_batch(demo_cohort, bundle_imports):
+    bundle_imports("cddpm_bundle")
+    p = parser("train.json", "demo.json", "brain_crop.json")
+    p.update({**TINY, "dataset_dir": str(demo_cohort)})
+    entry = p.get_parsed_content("train#datalist")[0]
+    slices = p.get_parsed_content("train#preprocessing")(entry)
+    for s in slices:
+        ys, xs = torch.nonzero(s["mask"][0], as_tuple=True)
+        h, w = s["image"].shape[1:]
+        assert (h, w) != (32, 32) and h % 4 == 0 and w % 4 == 0  # 3 UNet levels: sides divisible by 4
+        assert ys.max() - ys.min() + 1 > h - 4 and xs.max() - xs.min() + 1 > w - 4  # the box, up to divisibility
+    collate = p.get_parsed_content("train#dataloader#collate_fn")
+    batch = collate([slices, slices[:1]])
+    largest = max(s["image"].shape[1] for s in slices), max(s["image"].shape[2] for s in slices)
+    assert batch["image"].shape == (len(slices) + 1, 1, *largest)
+
+
+def test_bundle_trains_and_resumes_with_warmup_and_ema(demo_cohort, tmp_path):
+    """Warm-up continues where it stopped on resume (not from the start), the EMA weights are what is validated and
+    saved, and both are restored from the checkpoint."""
+    models = tmp_path / "models"
+    configs = ["configs/train.json", "configs/demo.json", "configs/warmup.json", "configs/ema.json"]
+    common = {**TINY, "batch_size": 2, "warmup_iterations": 8, "dataset_dir": str(demo_cohort)}
+    common.update({"ckpt_dir": str(models), "output_dir": str(tmp_path / "out")})  # 4 volumes: 2 iterations/epoch
+    for epochs, iterations in ((1, 2), (2, 4)):
+        run_bundle("cddpm_bundle", configs, {**common, "epochs": epochs})
+        state = torch.load(models / f"checkpoint_checkpoint_epoch={epochs}.pt", weights_only=True)
+        assert state["lr_scheduler"]["last_epoch"] == iterations
+        lr = state["optimizer"]["param_groups"][0]["lr"]
+        assert lr == pytest.approx(1e-4 * (1 / 8 + 7 / 8 * iterations / 8))
+    ema, online = state["ema_network"], state["network"]
+    assert ema.keys() == online.keys() and any(not torch.equal(ema[k], online[k]) for k in ema)
+    final = torch.load(models / "model_final.pt", weights_only=True)
+    assert all(torch.equal(final[k], ema[k]) for k in ema)
+    load_weights(tiny_unet(), models / "model.pt")

@@ -9,7 +9,7 @@ from monai.inferers import Inferer
 from monai.networks.schedulers import Scheduler
 from torch import nn
 
-from .uad.inference import slice_volumes, stack_slices
+from .uad.inference import brain_box, slice_volumes, stack_slices
 from .uad.postprocessing import residual_anomaly_map
 
 __all__ = ["CDDPMAnomalyInferer"]
@@ -33,6 +33,8 @@ class CDDPMAnomalyInferer(Inferer):
         median_kernel: size of the 3D median filter (1 disables it).
         seed: seed of the noise, so repeated calls give the same map; None draws fresh noise.
         amp: run the network under autocast (fp16 on CUDA, bf16 on CPU).
+        brain_box_multiple: run the network on the brain's bounding box only (sides rounded up to this multiple), as
+            networks trained on brain-box crops (``configs/brain_crop.json``) expect; None runs whole slices.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class CDDPMAnomalyInferer(Inferer):
         median_kernel: int = 5,
         seed: int | None = 0,
         amp: bool = False,
+        brain_box_multiple: int | None = None,
     ) -> None:
         super().__init__()
         if not timesteps or not all(0 <= t < scheduler.num_train_timesteps for t in timesteps):
@@ -57,6 +60,7 @@ class CDDPMAnomalyInferer(Inferer):
         self.median_kernel = median_kernel
         self.seed = seed
         self.amp = amp
+        self.brain_box_multiple = brain_box_multiple
 
     @property
     def network_passes_per_slice(self) -> int:
@@ -104,7 +108,11 @@ class CDDPMAnomalyInferer(Inferer):
         """
         volumes, brain, restore = slice_volumes(inputs, mask)
         slices, index = stack_slices(volumes, brain)
-        recon_slices = self.reconstruct(slices, network)
+        recon_slices = slices.clone()  # outside a brain box: the input itself (zero residual)
+        rows, cols = (slice(None), slice(None))
+        if self.brain_box_multiple:
+            rows, cols = brain_box(brain.permute(0, 4, 1, 2, 3)[index], self.brain_box_multiple)
+        recon_slices[..., rows, cols] = self.reconstruct(slices[..., rows, cols].contiguous(), network)
         recon = volumes.clone()  # slices without brain are not run: their residual is zero
         recon.permute(0, 4, 1, 2, 3)[index] = recon_slices
         maps = residual_anomaly_map(volumes, recon, brain, self.erosion_iterations, self.median_kernel)

@@ -14,6 +14,7 @@ mask, ``seg`` the lesion ground truth. Three sources give such entries:
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 __all__ = [
     "CONTRASTS",
     "IMAGE_SUFFIXES",
+    "MNI152_FILES",
     "SPLIT_COLUMNS",
     "case_name",
     "dataset_entries",
@@ -35,6 +37,7 @@ __all__ = [
     "list_image_folder",
     "load_datalist",
     "load_split_csv",
+    "mni152_path",
     "seed_layout_to_datalist",
     "split_csv_path",
     "validate_entries",
@@ -45,6 +48,11 @@ CONTRASTS = ("t1", "t2")
 SPLIT_COLUMNS = ("img_name", "age", "label", "img_path", "mask_path", "seg_path")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png")
 ENTRY_KEYS = ("image", "mask", "seg")
+MNI152_FILES = {  # the MNI152 2009a symmetric templates (1 mm) shipped inside the nilearn wheel
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",  # skull-stripped T1
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
 
 
 def case_name(path: str | os.PathLike) -> str:
@@ -54,6 +62,17 @@ def case_name(path: str | os.PathLike) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
+
+
+def mni152_path(kind: str = "t1") -> str:
+    """Path of an MNI152 template file (``MNI152_FILES``) in the installed nilearn package; nothing is downloaded.
+
+    Found without importing nilearn (its import takes seconds).
+    """
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("nilearn is not installed: it ships the MNI152 templates (see requirements.txt)")
+    return os.path.join(spec.submodule_search_locations[0], "datasets", "data", MNI152_FILES[kind])
 
 
 def _swap_contrast(path: Path, contrast: str) -> Path:

@@ -8,7 +8,7 @@ import torch
 from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
 
-__all__ = ["MaskedPrepareBatch", "brain_slices", "slice_volumes", "stack_slices"]
+__all__ = ["MaskedPrepareBatch", "brain_box", "brain_slices", "slice_volumes", "stack_slices"]
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +61,29 @@ def stack_slices(volumes: torch.Tensor, brain: torch.Tensor) -> tuple[torch.Tens
     """
     index = brain.any(dim=(1, 2, 3))  # (B, D)
     return volumes.permute(0, 4, 1, 2, 3)[index], index
+
+
+def brain_box(brain: torch.Tensor, multiple: int) -> tuple[slice, slice]:
+    """In-plane bounding box of the brain over a slice stack, grown (centred, inside the image) to sides that are
+    multiples of ``multiple``: the crop of networks trained on brain-box crops (``configs/brain_crop.json``).
+
+    Args:
+        brain: boolean masks (N, 1, H, W).
+        multiple: side lengths are rounded up to a multiple of this (the UNet's total downsampling).
+
+    Returns:
+        the row and column slices of the box; the whole image when there is no brain.
+    """
+    box = []
+    for dim, size in ((2, brain.shape[2]), (3, brain.shape[3])):
+        found = torch.nonzero(brain.any(dim=tuple(d for d in range(4) if d != dim)))
+        if found.numel() == 0:
+            return slice(0, brain.shape[2]), slice(0, brain.shape[3])
+        low, high = int(found.min()), int(found.max()) + 1
+        side = min(-(-(high - low) // multiple) * multiple, size)
+        start = min(max(low - (side - (high - low)) // 2, 0), size - side)
+        box.append(slice(start, start + side))
+    return box[0], box[1]
 
 
 class MaskedPrepareBatch(PrepareBatch):

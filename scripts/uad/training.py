@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from monai.data import pad_list_data_collate
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
@@ -20,6 +21,7 @@ __all__ = [
     "load_checkpoint",
     "load_pretrained_encoder",
     "load_weights",
+    "pad_slices_collate",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,14 @@ class EpochSeeded:
         if self.generator is None or self.generator.device != device:
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
         return self.generator
+
+
+def pad_slices_collate(batch: list) -> dict:
+    """Collate slices of different sizes (e.g. cropped to the brain): zero-pad each to the largest of the batch.
+
+    Items may be lists of slices (``num_samples`` of a random crop per volume); they are flattened first.
+    """
+    return pad_list_data_collate([s for item in batch for s in (item if isinstance(item, list) else [item])])
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
