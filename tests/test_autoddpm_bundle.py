@@ -141,15 +141,22 @@ def test_configs_share_network_protocol_and_sampling(name):
     assert other["inferer"] == inference["inferer"]
 
 
-def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports):
+def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports, tmp_path):
     bundle_imports("autoddpm_bundle")
     train = parser("train.json", "demo.json")
     train["dataset_dir"] = str(demo_cohort)
     assert type(train.get_parsed_content("network_def")).__name__ == "DiffusionModelUNet"
     assert len(train.get_parsed_content("train#datalist")) == 4
-    multi_gpu = parser("train.json", "multi_gpu_train.json")
+    multi_gpu = parser("train.json", "demo.json", "multi_gpu_train.json")
     assert multi_gpu["train#sampler"]["_target_"] == "DistributedSampler"
     assert "DistributedDataParallel(@network_def" in multi_gpu["network"]
+    multi_gpu.update({"dataset_dir": str(demo_cohort), "network": "@network_def", "rank": 1})
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        handlers = multi_gpu.get_parsed_content("train#trainer#train_handlers")
+    finally:
+        torch.distributed.destroy_process_group()
+    assert [type(h).__name__ for h in handlers] == ["ValidationHandler"]  # other ranks neither save nor log
     inferer = parser("inference.json", "demo.json").get_parsed_content("inferer")
     assert type(inferer).__name__ == "AutoDDPMAnomalyInferer" and inferer.sampler == "ddim"
     evaluate = parser("evaluate.json", "demo.json")

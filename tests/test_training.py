@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from uad.training import latest_checkpoint, load_checkpoint, load_pretrained_encoder, load_weights
+from ignite.handlers import EMAHandler, ProgressBar
+from monai.handlers import CheckpointSaver, LrScheduleHandler, StatsHandler, TensorBoardStatsHandler, ValidationHandler
+from uad.training import latest_checkpoint, load_checkpoint, load_pretrained_encoder, load_weights, rank_handlers
 
 
 class Net(torch.nn.Module):
@@ -56,3 +58,22 @@ def test_pretrained_encoder_loading_is_strict(tmp_path):
     torch.save({"something": torch.zeros(1)}, tmp_path / "keys.pt")
     with pytest.raises(ValueError, match="missing keys"):
         load_pretrained_encoder(Net(), tmp_path / "keys.pt")
+
+
+def test_rank_handlers_keep_what_keeps_ranks_in_step(tmp_path):
+    net = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    keep = [
+        ValidationHandler(validator=None, interval=1),
+        LrScheduleHandler(torch.optim.lr_scheduler.LinearLR(optimizer)),
+        EMAHandler(net),
+    ]
+    report = [
+        CheckpointSaver(str(tmp_path), {"network": net}),
+        StatsHandler(),
+        TensorBoardStatsHandler(log_dir=str(tmp_path)),
+        ProgressBar(),
+    ]
+    handlers = [keep[0], *report, *keep[1:]]  # overlays append after the base handlers
+    assert rank_handlers(handlers, 0) == handlers
+    assert rank_handlers(handlers, 1) == keep

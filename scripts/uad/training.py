@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from monai.data import pad_list_data_collate
-from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler, StatsHandler, TensorBoardStatsHandler
 from torch import nn
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "load_pretrained_encoder",
     "load_weights",
     "pad_slices_collate",
+    "rank_handlers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,15 @@ def pad_slices_collate(batch: list) -> dict:
     Items may be lists of slices (``num_samples`` of a random crop per volume); they are flattened first.
     """
     return pad_list_data_collate([s for item in batch for s in (item if isinstance(item, list) else [item])])
+
+
+REPORTING_HANDLERS = (CheckpointSaver, StatsHandler, TensorBoardStatsHandler, MLFlowHandler, ProgressBar)
+
+
+def rank_handlers(handlers: list, rank: int) -> list:
+    """The engine handlers one distributed rank runs: all on rank 0; on the others all but those that save, log or
+    show progress (``REPORTING_HANDLERS``), so validation, learning-rate schedules and EMA keep every rank in step."""
+    return list(handlers) if rank == 0 else [h for h in handlers if not isinstance(h, REPORTING_HANDLERS)]
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
