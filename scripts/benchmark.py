@@ -13,7 +13,9 @@ Methods (``--methods``):
   noise levels), ``cddpm_linear`` (linear instead of cosine schedule), ``cddpm_small`` (UNet 16/32/32),
   ``cddpm_warmup`` (``configs/warmup.json``), ``cddpm_ema`` (``configs/ema.json``, EMA weights validated and saved),
   ``cddpm_brain_crop`` (``configs/brain_crop.json``, training slices cropped to the brain box; inference on the
-  brain box, ``--brain_crop True``).
+  brain box, ``--brain_crop True``);
+- the efficient recipe, both changes that paid off together (t in [200, 800) and the brain-box crop), with and
+  without conditioning: ``cddpm_efficient`` and ``ddpm_efficient``.
 
 Every training and evaluation is the bundle's own ``python -m monai.bundle run`` command (the commands are logged).
 Training runs in ``--curve-points`` stages of ``budget / points`` iterations, resuming from the bundle's checkpoint;
@@ -103,8 +105,33 @@ METHODS = {
         train_configs=("brain_crop",),
         eval_overrides={"brain_crop": True},
     ),
+    # the efficient recipe (t in [200, 800) and brain-box crop together), with and without conditioning
+    "ddpm_efficient": Method(
+        "DDPM, t in [200, 800) + brain-box crop",
+        training="ddpm_efficient",
+        configs=("ablation_ddpm",),
+        train_configs=("brain_crop",),
+        overrides={"timestep_range": [200, 800]},
+        eval_overrides={"brain_crop": True},
+    ),
+    "cddpm_efficient": Method(
+        "cDDPM, t in [200, 800) + brain-box crop",
+        training="cddpm_efficient",
+        train_configs=("brain_crop",),
+        overrides={"timestep_range": [200, 800]},
+        eval_overrides={"brain_crop": True},
+    ),
 }
-DEFAULT_METHODS = [m for m in METHODS if not m.startswith("cddpm_") or m in ("cddpm_gaussian", "cddpm_spark")]
+DEFAULT_METHODS = [
+    "intensity",
+    "mean_image",
+    "ddpm",
+    "cddpm",
+    "cddpm_gaussian",
+    "cddpm_spark",
+    "autoddpm_ref",
+    "autoddpm_fast",
+]
 COLUMNS = (
     ("method", "method"),
     ("dice@best_dice_val", "Dice@val-thr"),
@@ -393,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=DEFAULT_METHODS,
         choices=list(METHODS),
-        help="default: all but the cddpm_* ablations",
+        help="default: all but the learning-efficiency variants",
     )
     parser.add_argument("--ixi", type=Path, default=REPO.parent / "shared" / "data" / "ixi_t1_axial")
     parser.add_argument("--demo-data", type=Path, default=None, help="an existing demo cohort (default: generate one)")
