@@ -71,7 +71,8 @@ class AutoDDPMAnomalyInferer(Inferer):
         mask_quantile: if set, tau is this quantile of each slice's likelihood over its brain pixels instead.
         residual_quantile: quantile that normalises the residual in the likelihood map (paper: 0.95).
         dilation: edge of the square structuring element dilating the binary mask (odd; 1 = none).
-        ddim_eta: DDIM stochasticity (0 = deterministic DDIM); ignored by DDPM.
+        ddim_eta: DDIM stochasticity (1: fresh noise each step like the DDPM chains; 0: deterministic DDIM); ignored
+            by DDPM.
         batch_size: slices per network call.
         erosion_iterations: iterations of the per-slice cross erosion of the brain mask.
         median_kernel: size of the 3D median filter (1 disables it).
@@ -92,7 +93,7 @@ class AutoDDPMAnomalyInferer(Inferer):
         mask_quantile: float | None = None,
         residual_quantile: float = 0.95,
         dilation: int = 3,
-        ddim_eta: float = 0.0,
+        ddim_eta: float = 1.0,
         batch_size: int = 50,
         erosion_iterations: int = 3,
         median_kernel: int = 5,
