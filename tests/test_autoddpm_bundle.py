@@ -141,7 +141,7 @@ def test_configs_share_network_protocol_and_sampling(name):
     assert other["inferer"] == inference["inferer"]
 
 
-def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports, tmp_path):
+def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports, tmp_path, monkeypatch):
     bundle_imports("autoddpm_bundle")
     train = parser("train.json", "demo.json")
     train["dataset_dir"] = str(demo_cohort)
@@ -151,6 +151,7 @@ def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports, tm
     assert multi_gpu["train#sampler"]["_target_"] == "DistributedSampler"
     assert "DistributedDataParallel(@network_def" in multi_gpu["network"]
     multi_gpu.update({"dataset_dir": str(demo_cohort), "network": "@network_def", "rank": 1})
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as torchrun sets it
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         handlers = multi_gpu.get_parsed_content("train#trainer#train_handlers")

@@ -227,7 +227,7 @@ class RandGhostingd(RandomizableTransform, MapTransform):
             shape[dim] = -1
             k = k * lines.view(shape)
             ghosted = torch.fft.ifftn(torch.fft.ifftshift(k, dim=(1, 2)), dim=(1, 2)).abs().to(img.dtype)
-            d[key] = img.new_tensor(ghosted) if not isinstance(img, MetaTensor) else MetaTensor(ghosted, meta=img.meta)
+            d[key] = MetaTensor(ghosted, meta=img.meta) if isinstance(img, MetaTensor) else ghosted
         return d
 
 
