@@ -74,6 +74,8 @@ class Method:
     curve: bool = True  # evaluated at every curve point (False: final weights only)
 
 
+TEST_NOISE_LEVELS = {"timestep_range": [200, 800]}  # train on the noise levels used at test time
+BRAIN_CROP = {"train_configs": ("brain_crop",), "eval_overrides": {"brain_crop": True}}  # crop to train, box to infer
 METHODS = {
     "intensity": Method("intensity only"),
     "mean_image": Method("mean healthy image"),
@@ -86,9 +88,7 @@ METHODS = {
     ),
     "autoddpm_fast": Method("AutoDDPM (DDIM, fast)", "autoddpm", "autoddpm", eval_overrides={"sampler": "ddim"}),
     # learning-efficiency changes, each against `cddpm`
-    "cddpm_t200_800": Method(
-        "cDDPM, t in [200, 800)", training="cddpm_t200_800", overrides={"timestep_range": [200, 800]}
-    ),
+    "cddpm_t200_800": Method("cDDPM, t in [200, 800)", training="cddpm_t200_800", overrides=TEST_NOISE_LEVELS),
     "cddpm_linear": Method(
         "cDDPM, linear schedule", training="cddpm_linear", overrides={"scheduler#schedule": "linear_beta"}
     ),
@@ -99,27 +99,17 @@ METHODS = {
     ),
     "cddpm_warmup": Method("cDDPM, LR warm-up 100 it", training="cddpm_warmup", train_configs=("warmup",)),
     "cddpm_ema": Method("cDDPM, EMA weights", training="cddpm_ema", train_configs=("ema",)),
-    "cddpm_brain_crop": Method(
-        "cDDPM, brain-box crop",
-        training="cddpm_brain_crop",
-        train_configs=("brain_crop",),
-        eval_overrides={"brain_crop": True},
-    ),
+    "cddpm_brain_crop": Method("cDDPM, brain-box crop", training="cddpm_brain_crop", **BRAIN_CROP),
     # the efficient recipe (t in [200, 800) and brain-box crop together), with and without conditioning
     "ddpm_efficient": Method(
         "DDPM, t in [200, 800) + brain-box crop",
         training="ddpm_efficient",
         configs=("ablation_ddpm",),
-        train_configs=("brain_crop",),
-        overrides={"timestep_range": [200, 800]},
-        eval_overrides={"brain_crop": True},
+        overrides=TEST_NOISE_LEVELS,
+        **BRAIN_CROP,
     ),
     "cddpm_efficient": Method(
-        "cDDPM, t in [200, 800) + brain-box crop",
-        training="cddpm_efficient",
-        train_configs=("brain_crop",),
-        overrides={"timestep_range": [200, 800]},
-        eval_overrides={"brain_crop": True},
+        "cDDPM, t in [200, 800) + brain-box crop", training="cddpm_efficient", overrides=TEST_NOISE_LEVELS, **BRAIN_CROP
     ),
 }
 DEFAULT_METHODS = [

@@ -108,11 +108,12 @@ class CDDPMAnomalyInferer(Inferer):
         """
         volumes, brain, restore = slice_volumes(inputs, mask)
         slices, index = stack_slices(volumes, brain)
-        recon_slices = slices.clone()  # outside a brain box: the input itself (zero residual)
-        rows, cols = (slice(None), slice(None))
         if self.brain_box_multiple:
             rows, cols = brain_box(brain.permute(0, 4, 1, 2, 3)[index], self.brain_box_multiple)
-        recon_slices[..., rows, cols] = self.reconstruct(slices[..., rows, cols].contiguous(), network)
+            recon_slices = slices.clone()  # outside the brain box: the input itself (zero residual)
+            recon_slices[..., rows, cols] = self.reconstruct(slices[..., rows, cols].contiguous(), network)
+        else:
+            recon_slices = self.reconstruct(slices, network)
         recon = volumes.clone()  # slices without brain are not run: their residual is zero
         recon.permute(0, 4, 1, 2, 3)[index] = recon_slices
         maps = residual_anomaly_map(volumes, recon, brain, self.erosion_iterations, self.median_kernel)
