@@ -24,9 +24,16 @@ lesions stay above the image minimum. Ground truth: blend weight >= 0.5. Values 
 Written under DIR (NIfTI of shape (H, W, 1), identity 1 mm affine; images float32 on the original scale, masks uint8)::
 
     train/<id>_{t1,mask}.nii.gz                      every train/ slice, healthy
-    calibration/<id>_{t1,mask[,seg]}.nii.gz          val/ subjects: n_calibration lesioned, n_healthy_calibration not
+    calibration/<id>_mask.nii.gz, calibration/<id>_{hyper,hypo}_{t1,seg}.nii.gz   n_calibration val/ subjects, each
+                                                     with both polarities
+    calibration/<id>_t1.nii.gz                       n_healthy_calibration other val/ subjects, healthy
     test/<id>_mask.nii.gz, test/<id>_{hyper,hypo}_{t1,seg}.nii.gz   the other val/ subjects, each with both polarities
     datalist_{hyper,hypo,mixed}.json, manifest.json, ixi_benchmark.png
+
+Each datalist is one lesion type calibrated on its own kind, as every data set of the paper's protocol is calibrated
+on its own validation split: ``datalist_hyper.json`` validates on the hyperintense calibration lesions plus the
+healthy calibration slices and tests on the hyperintense test lesions (likewise ``hypo``); ``mixed`` alternates the
+polarities over the subjects in both sections.
 """
 
 from __future__ import annotations
@@ -223,6 +230,11 @@ def _ids(paths: Sequence[Path]) -> list[str]:
     return short if len(set(short)) == len(short) else [p.stem for p in paths]
 
 
+def _alternate(by_polarity: dict[str, list]) -> list:
+    """Subject j's hyper case for even j, its hypo case for odd j."""
+    return [by_polarity[("hyper", "hypo")[j % 2]][j] for j in range(len(by_polarity["hyper"]))]
+
+
 def build_ixi_benchmark(
     ixi_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -265,18 +277,20 @@ def build_ixi_benchmark(
     def lesion_case(i: int, polarity: str, folder: str, variant: int) -> dict:
         img, msk, name = images["val"][i], masks["val"][i], ids["val"][i]
         lesion, seg, params = insert_lesion(img, msk, np.random.default_rng([seed, 2, int(i), variant]), polarity)
-        stem = name if folder == "calibration" else f"{name}_{polarity}"
+        stem = f"{name}_{polarity}"
         cases.append({"case": stem, "split": folder, "source": files["val"][i].name, **params})
         if folder == "test" and i in test[:2]:
             shown.append((img, lesion, seg, params, msk))
         return write(folder, name, lesion, msk, stem, seg)
 
-    validation = [lesion_case(i, ("hyper", "hypo")[j % 2], "calibration", 0) for j, i in enumerate(calib)]
-    validation += [write("calibration", ids["val"][i], images["val"][i], masks["val"][i]) for i in healthy]
+    calibrations = {p: [lesion_case(i, p, "calibration", v) for i in calib] for v, p in enumerate(_POLARITY, start=3)}
     tests = {p: [lesion_case(i, p, "test", v) for i in test] for v, p in enumerate(_POLARITY, start=1)}
-    mixed = [tests[("hyper", "hypo")[j % 2]][j] for j in range(len(test))]
-    for name, section in (*tests.items(), ("mixed", mixed)):
-        write_datalist(out / f"datalist_{name}.json", {"training": training, "validation": validation, "test": section})
+    healthy_entries = [write("calibration", ids["val"][i], images["val"][i], masks["val"][i]) for i in healthy]
+    sections = {p: (calibrations[p], tests[p]) for p in _POLARITY}
+    sections["mixed"] = (_alternate(calibrations), _alternate(tests))
+    for name, (validation, section) in sections.items():
+        datalist = {"training": training, "validation": validation + healthy_entries, "test": section}
+        write_datalist(out / f"datalist_{name}.json", datalist)
 
     area = np.array([m.sum() for v in masks.values() for m in v], dtype=np.float64)
     kept = area / max(int(tmask.sum()), 1)
@@ -339,7 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ixi", required=True, type=Path, help="folder with train/ and val/ PNG slices")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--n-calibration", type=int, default=20, help="lesioned calibration subjects (default: 20)")
+    parser.add_argument(
+        "--n-calibration", type=int, default=20, help="lesioned calibration subjects, both polarities (default: 20)"
+    )
     parser.add_argument("--n-healthy-calibration", type=int, default=8, help="healthy calibration (default: 8)")
     args = parser.parse_args(argv)
     if not args.ixi.is_dir():

@@ -78,10 +78,17 @@ def test_datalists(bench):
         for entry in validation + test:
             affines = [_load(entry[k])[1] for k in ("image", "mask", "seg") if k in entry]
             assert all(np.array_equal(a, affines[0]) for a in affines)
-    mixed = [e["name"] for e in dataset_entries(None, out / "datalist_mixed.json", "test")]
-    assert [n.split("_")[1] for n in mixed] == ["hyper", "hypo", "hyper"][:n_test]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["seed"] == 0 and len(manifest["cases"]) == N_CAL + 2 * n_test
+    source = {c["case"]: c["source"] for c in manifest["cases"]}
+    for name in ("hyper", "hypo", "mixed"):  # each lesion type calibrated on its own kind, on other subjects
+        sections = [dataset_entries(None, out / f"datalist_{name}.json", k) for k in ("validation", "test")]
+        polarities = [[e["name"].split("_")[1] for e in section if "seg" in e] for section in sections]
+        n = max(N_CAL, n_test)
+        expected = [["hyper", "hypo"][j % 2] for j in range(n)] if name == "mixed" else [name] * n
+        assert polarities == [expected[:N_CAL], expected[:n_test]]
+        subjects = [{source[e["name"].removesuffix("_t1")] for e in section if "seg" in e} for section in sections]
+        assert len(subjects[0]) == N_CAL and not subjects[0] & subjects[1]
+    assert manifest["seed"] == 0 and len(manifest["cases"]) == 2 * N_CAL + 2 * n_test
     assert (out / "ixi_benchmark.png").stat().st_size > 0
 
 
