@@ -9,9 +9,9 @@ weights: speed does not depend on them) and times
   ``torch.inference_mode``; seconds per slice and per 96x96x50 volume (``50 x`` seconds per slice).
 
 for each variant: ``fp32``, ``amp`` (fp16 autocast on CUDA; bf16 on CPU, inference only since MONAI's trainer autocast
-is CUDA-only), ``amp+cl`` (channels-last weights, CUDA), ``per-slice`` (amp, one slice per network call instead of the
-whole volume; not run for AutoDDPM's 450-pass DDPM chain). Writes ``speed.md`` / ``speed.json`` with the command and
-machine at the top.
+is CUDA-only), ``amp+cl`` (and channels-last weights, the bundles' default on CPU), ``per-slice`` (amp, one slice per
+network call instead of the whole volume, CUDA; not run for AutoDDPM's 450-pass DDPM chain). Writes ``speed.md`` /
+``speed.json`` with the command and machine at the top.
 
     python scripts/benchmark_speed.py --device cuda --out runs/speed
     python scripts/benchmark_speed.py --device cpu --train-batch 4 --slices 2 --autoddpm-samplers ddim \
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
-    variants = args.variants or (["fp32", "amp", "amp+cl", "per-slice"] if device.type == "cuda" else ["fp32", "amp"])
+    variants = args.variants or (["fp32", "amp", "amp+cl"] + ["per-slice"] * (device.type == "cuda"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     configs = ["demo"] if args.demo else []

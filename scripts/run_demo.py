@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from make_demo_data import SIZES
+from uad.data import dataset_entries
+from uad.workflow import set_threshold_file
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = {"cddpm": "cddpm_bundle", "autoddpm": "autoddpm_bundle"}
@@ -48,6 +50,11 @@ def bundle_run(bundle: str, configs: list[str], **overrides) -> None:
     cmd = bundle_command(configs, overrides)
     print(f"\n$ (cd {bundle} && python {' '.join(cmd[1:])})", flush=True)
     subprocess.run(cmd, cwd=REPO / bundle, check=True)
+
+
+def first_test_case(data: Path, set_name: str, contrast: str) -> dict:
+    """The first test entry (absolute image, mask and seg paths) of a lesion set of the demo cohort."""
+    return dataset_entries(None, data / "datalists" / f"{set_name}_{contrast}.json", "test")[0]
 
 
 def chance_auprc(summary: dict) -> float:
@@ -108,27 +115,30 @@ def main(argv: list[str] | None = None) -> int:
             bundle_run(bundle, configs("train"), **common, output_dir=str(work / "train"), **extra)
         else:
             common["ckpt_path"] = str(REPO / bundle / "models" / "demo_model.pt")
-        if method == "autoddpm":
-            common["amp"] = True  # its 35-pass chains: bf16 autocast on CPU (fp16 on GPU), about 1.6x faster here
+        common["amp"] = True  # inference under autocast: bf16 on CPU (fp16 on GPU), 1.6-2x faster on the CPU here
+        thresholds = work / "models" / f"thresholds_{args.contrast}.json"
+        bundle_run(
+            bundle,
+            configs("evaluate"),
+            **common,
+            test_sets=args.sets,
+            output_dir=str(work / "eval"),
+            threshold_file=str(thresholds),
+        )
+        several = len(args.sets) > 1  # one set writes straight to output_dir and threshold_file
         for set_name in args.sets:
-            thresholds = str(work / "models" / f"thresholds_{set_name}_{args.contrast}.json")
-            bundle_run(
-                bundle,
-                configs("evaluate"),
-                **common,
-                test_set=set_name,
-                output_dir=str(work / f"eval_{set_name}"),
-                threshold_file=thresholds,
-            )
-            rows[(method, set_name)] = metrics_row(json.loads((work / f"eval_{set_name}" / "metrics.json").read_text()))
+            metrics = work / "eval" / (set_name if several else "") / "metrics.json"
+            rows[(method, set_name)] = metrics_row(json.loads(metrics.read_text()))
         set_name = args.sets[0]
+        case = first_test_case(data, set_name, args.contrast)
         bundle_run(
             bundle,
             configs("inference"),
             **common,
-            datalist=str(data / "datalists" / f"{set_name}_{args.contrast}.json"),
+            input_file=case["image"],
+            input_mask=case["mask"],
             output_dir=str(work / f"maps_{set_name}"),
-            threshold_file=str(work / "models" / f"thresholds_{set_name}_{args.contrast}.json"),
+            threshold_file=set_threshold_file(thresholds, set_name) if several else str(thresholds),
         )
 
     table = format_table(rows)
@@ -138,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfinished in {(time.time() - start) / 60:.1f} min")
     for method in args.methods:
         work = out / method
-        print(f"{method}: metrics, PR curves and overlays in {work}/eval_<set>/, NIfTI maps in {work}/maps_*/")
+        print(
+            f"{method}: metrics, PR curves and overlays in {work}/eval/<set>/, NIfTI maps of one case in {work}/maps_*/"
+        )
     print(f"demo cohort picture: {data / 'demo_cohort.png'}")
     return 0
 

@@ -162,7 +162,7 @@ def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports, tm
     assert type(inferer).__name__ == "AutoDDPMAnomalyInferer" and inferer.sampler == "ddim"
     evaluate = parser("evaluate.json", "demo.json")
     evaluate.update({"dataset_dir": str(demo_cohort), "test_set": "Tumour"})
-    val, test = evaluate.get_parsed_content("entries")
+    val, test = evaluate.get_parsed_content("entries")["Tumour"]
     assert sum("seg" in e for e in val) == 2 and sum("seg" not in e for e in val) == 2 and len(test) == 2
     assert evaluate.get_parsed_content("extra")["perceptual"] == "1-ssim"
 
@@ -363,6 +363,7 @@ def test_real_unet_runs_both_samplers_reproducibly(sampler):
     assert amap.shape == recon.shape == volume.shape and torch.isfinite(amap).all() and amap.min() >= 0
     assert torch.equal(recon[..., [0, 4]], volume[..., [0, 4]]) and amap[..., [0, 4]].max() == 0  # no brain: not run
     assert torch.equal(inferer(volume, net), amap)  # seeded
+    assert torch.allclose(inferer(volume, net.to(memory_format=torch.channels_last)), amap, atol=1e-4)  # CPU option
     stack = volume[0].permute(3, 0, 1, 2)
     assert inferer(stack, net).shape == stack.shape
 
@@ -523,7 +524,8 @@ def test_bundle_inference_on_one_file_without_mask(trained, demo_cohort, tmp_pat
     result = run_bundle(
         "autoddpm_bundle",
         ["configs/inference.json", "configs/demo.json"],
-        {**trained["common"], **TINY_SAMPLING, "output_dir": str(out), "input_file": str(image)},
+        {**trained["common"], **TINY_SAMPLING, "output_dir": str(out), "input_file": str(image)}
+        | {"amp": "True", "channels_last": "True"},  # the CPU speed options: bf16 autocast, channels-last weights
     )
     assert "no brain mask given" in result.stdout + result.stderr
     written = nib.load(out / image.name.replace(".nii.gz", "_anomaly_map.nii.gz"))

@@ -18,6 +18,7 @@ from uad.data import (
     case_name,
     dataset_entries,
     evaluation_entries,
+    evaluation_sets,
     load_datalist,
     load_split_csv,
     seed_layout_to_datalist,
@@ -70,6 +71,14 @@ def test_split_csv_contrast_choice_and_datalist_round_trip(demo_cohort, tmp_path
     # the seed layout and the datalist give the same evaluation entries
     val_csv, test_csv = evaluation_entries(demo_cohort, None, "t1", "Tumour")
     assert sorted(e["image"] for e in val_csv) == sorted(e["image"] for e in val)
+    # several test sets: each its own entries, sharing the healthy validation ones; a datalist is one set
+    sets = evaluation_sets(demo_cohort, None, "t1", ["Tumour", "MS"])
+    assert list(sets) == ["Tumour", "MS"] and sets["Tumour"] == (val_csv, test_csv)
+    healthy = [[e["image"] for e in val if "seg" not in e] for val, _ in sets.values()]
+    assert healthy[0] == healthy[1] and not {e["image"] for e in sets["MS"][1]} & {e["image"] for e in test_csv}
+    assert list(evaluation_sets(None, out, test_sets=["ignored"])) == [out.stem]
+    with pytest.raises(ValueError, match="distinct"):
+        evaluation_sets(demo_cohort, None, "t1", ["Tumour", "Tumour"])
 
 
 def test_convert_datalist_cli(demo_cohort, tmp_path):

@@ -276,3 +276,51 @@ def test_evaluate_cases_with_one_kind_of_validation_case(cohort, tmp_path, caplo
     none = evaluate_cases([], test, stale, n_overlays=0)
     assert none["thresholds"] == {} and not (stale / "thresholds.json").exists()
     assert none["summary"]["auprc"]["n"] == 3
+
+
+def test_evaluate_sets_calibrates_each_set_and_infers_shared_healthy_volumes_once(tmp_path):
+    from uad.workflow import evaluate_sets, set_threshold_file
+
+    def preprocessing(entry: dict) -> dict:
+        image, mask = torch.full((1, *SHAPE), 0.5), torch.ones(1, *SHAPE)
+        out = {"image": image, "mask": mask}
+        if "seg" in entry:
+            out["seg"] = torch.zeros(1, *SHAPE)
+            out["seg"][:, 8:14, 8:14, 2:6] = 1
+            out["image"] = image + entry["contrast"] * out["seg"]
+        return out
+
+    inferred = []
+
+    def inferer(image, network, mask, return_reconstruction):
+        inferred.append(image.sum().item())
+        recon = torch.full_like(image, 0.45)  # not perfect: finite PSNR
+        return (image - recon).abs() * mask, recon
+
+    healthy = [{"image": f"h{i}", "name": f"h{i}"} for i in range(2)]
+
+    def lesions(prefix: str, contrast: float) -> list[dict]:
+        return [{"image": f"{prefix}{i}", "name": f"{prefix}{i}", "seg": "s", "contrast": contrast} for i in range(2)]
+
+    sets = {
+        "A": (lesions("va", 0.4) + healthy, lesions("ta", 0.4)),
+        "B": (lesions("vb", 0.2) + healthy, lesions("tb", 0.2)),
+    }
+    options = {"fprs": (0.05,), "min_component_size": 0, "n_overlays": 0}
+    results = evaluate_sets(
+        torch.nn.Identity(), inferer, preprocessing, sets, tmp_path / "eval", tmp_path / "t.json", **options
+    )
+    assert len(inferred) == 10  # 2 healthy + 2 x (2 labelled val + 2 test): the healthy ones once, not twice
+    for name, metrics in results.items():
+        assert metrics["counts"] == {"val_labelled": 2, "val_healthy": 2, "test": 2, "test_with_lesion": 2}
+        written = json.loads((tmp_path / "eval" / name / "metrics.json").read_text())
+        assert written["thresholds"] == metrics["thresholds"]
+        stored = json.loads((tmp_path / f"t_{name}.json").read_text())
+        assert stored["threshold"] == metrics["thresholds"]["best_dice_val"]
+        assert metrics["cases"]["best_dice_calibration"] == [f"v{name.lower()}0", f"v{name.lower()}1"]  # own split
+    assert set_threshold_file(tmp_path / "t.json", "A") == str(tmp_path / "t_A.json")
+    assert set_threshold_file("", "A") is None
+    one = evaluate_sets(
+        torch.nn.Identity(), inferer, preprocessing, {"A": sets["A"]}, tmp_path / "one", None, **options
+    )
+    assert set(one) == {"A"} and (tmp_path / "one" / "metrics.json").is_file()  # one set: output_dir itself

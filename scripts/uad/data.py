@@ -32,6 +32,7 @@ __all__ = [
     "case_name",
     "dataset_entries",
     "evaluation_entries",
+    "evaluation_sets",
     "image_geometry",
     "inference_entries",
     "list_image_folder",
@@ -284,6 +285,23 @@ def evaluation_entries(
     val = dataset_entries(dataset_dir, None, contrast=contrast, set_name=test_set, split="val")
     val += dataset_entries(dataset_dir, None, contrast=contrast, set_name=healthy_set, split=healthy_split)
     return val, dataset_entries(dataset_dir, None, contrast=contrast, set_name=test_set, split="test")
+
+
+def evaluation_sets(
+    dataset_dir: str | os.PathLike | None,
+    datalist: str | os.PathLike | None,
+    contrast: str | None = "t2",
+    test_sets: str | Sequence[str] = "Brats21",
+    healthy_set: str = "IXI",
+    healthy_split: str = "val_fold0",
+) -> dict[str, tuple[list[dict], list[dict]]]:
+    """:func:`evaluation_entries` of each test set, ``{name: (val, test)}``; a datalist is one set, named after it."""
+    if datalist:
+        return {Path(datalist).stem: evaluation_entries(None, datalist)}
+    names = [test_sets] if isinstance(test_sets, str) else list(test_sets)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"test_sets must name distinct test sets, got {names}")
+    return {s: evaluation_entries(dataset_dir, None, contrast, s, healthy_set, healthy_split) for s in names}
 
 
 def inference_entries(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from .data import case_name
 from .evaluation import evaluate_cases
 from .io import atomic_output
 
-__all__ = ["collect_cases", "evaluate", "format_metrics"]
+__all__ = ["collect_cases", "evaluate", "evaluate_sets", "format_metrics", "set_threshold_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,30 +37,40 @@ def collect_cases(
     device: str | torch.device,
     desc: str = "inference",
     num_workers: int = 0,
+    healthy_memo: dict[tuple, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``inferer(image, network, mask=mask, return_reconstruction=True)`` on every entry, on the model grid.
+
+    ``healthy_memo`` (shared by calls with the same network and inferer) keeps the cases of entries without ``seg``:
+    an entry found there is not inferred again (e.g. the healthy validation volumes of several test sets).
 
     Returns:
         cases ``{"name", "image", "reconstruction", "anomaly_map", "mask", "seg"}`` as (H, W, D) numpy arrays
         (``seg`` None for entries without one), ready for :func:`evaluate_cases`.
     """
+    memo = {} if healthy_memo is None else healthy_memo
+    todo = [e for e in entries if _memo_key(e) not in memo]
     network.eval()
-    loader = DataLoader(Dataset(list(entries), preprocessing), batch_size=1, shuffle=False, num_workers=num_workers)
-    cases = []
-    for entry, batch in zip(entries, tqdm(loader, desc=desc, unit="volume"), strict=True):
+    loader = DataLoader(Dataset(todo, preprocessing), batch_size=1, shuffle=False, num_workers=num_workers)
+    inferred = {}
+    for entry, batch in zip(todo, tqdm(loader, desc=desc, unit="volume"), strict=True):
         image, mask = batch["image"].to(device), batch["mask"].to(device)
         anomaly_map, recon = inferer(image, network, mask=mask, return_reconstruction=True)
-        cases.append(
-            {
-                "name": entry.get("name", case_name(entry["image"])),
-                "image": _numpy(image),
-                "reconstruction": _numpy(recon),
-                "anomaly_map": _numpy(anomaly_map),
-                "mask": _numpy(mask) > 0,
-                "seg": _numpy(batch["seg"]) > 0 if "seg" in batch else None,
-            }
-        )
-    return cases
+        inferred[id(entry)] = case = {
+            "name": entry.get("name", case_name(entry["image"])),
+            "image": _numpy(image),
+            "reconstruction": _numpy(recon),
+            "anomaly_map": _numpy(anomaly_map),
+            "mask": _numpy(mask) > 0,
+            "seg": _numpy(batch["seg"]) > 0 if "seg" in batch else None,
+        }
+        if healthy_memo is not None and "seg" not in entry:
+            healthy_memo[_memo_key(entry)] = case
+    return [inferred[id(e)] if id(e) in inferred else memo[_memo_key(e)] for e in entries]
+
+
+def _memo_key(entry: dict) -> tuple:
+    return entry["image"], entry.get("mask"), entry.get("seg"), entry.get("name")
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -91,14 +101,17 @@ def evaluate(
     min_component_size: int = 7,
     n_overlays: int = 4,
     extra: dict[str, Any] | None = None,
+    healthy_memo: dict[tuple, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Infer on validation and test entries, calibrate thresholds on validation only, evaluate the test entries.
 
     Writes the outputs of :func:`evaluate_cases` to ``output_dir`` (with ``extra``, e.g. the inferer's settings,
     under ``"extra"`` in ``metrics.json``), copies the calibrated ``thresholds.json`` to ``threshold_file`` (where
-    inference looks for it) and prints the metrics table.
+    inference looks for it) and prints the metrics table. ``healthy_memo``: see :func:`collect_cases`.
     """
-    val_cases = collect_cases(val_entries, preprocessing, inferer, network, device, desc="validation")
+    val_cases = collect_cases(
+        val_entries, preprocessing, inferer, network, device, desc="validation", healthy_memo=healthy_memo
+    )
     test_cases = collect_cases(test_entries, preprocessing, inferer, network, device, desc="test")
     metrics = evaluate_cases(val_cases, test_cases, output_dir, fprs, min_component_size, n_overlays, extra)
     produced = Path(output_dir) / "thresholds.json"
@@ -109,3 +122,42 @@ def evaluate(
     print(format_metrics(metrics))
     print(f"metrics, per-volume CSV, PR curve and overlays: {Path(output_dir).resolve()}")
     return metrics
+
+
+def set_threshold_file(threshold_file: str | os.PathLike | None, set_name: str) -> str | None:
+    """The threshold file of one of several test sets: ``thresholds.json`` -> ``thresholds_<set_name>.json``."""
+    if not threshold_file:
+        return None
+    path = Path(threshold_file)
+    return str(path.with_name(f"{path.stem}_{set_name}{path.suffix}"))
+
+
+def evaluate_sets(
+    network: nn.Module,
+    inferer: Callable,
+    preprocessing: Callable,
+    sets: Mapping[str, tuple[Sequence[dict], Sequence[dict]]],
+    output_dir: str | os.PathLike,
+    threshold_file: str | os.PathLike | None = None,
+    **options: Any,
+) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate` for each test set ``{name: (val_entries, test_entries)}``, each calibrated on its own split.
+
+    One set writes to ``output_dir`` and ``threshold_file``; several write to ``output_dir/<name>`` and
+    :func:`set_threshold_file`, and the healthy validation volumes they share are inferred once. ``options``: the
+    keyword arguments of :func:`evaluate` (``device``, ``fprs``, ``min_component_size``, ``n_overlays``, ``extra``).
+
+    Returns:
+        the metrics of each set.
+    """
+    several = len(sets) > 1
+    memo: dict[tuple, dict[str, Any]] | None = {} if several else None
+    results = {}
+    for name, (val, test) in sets.items():
+        out = Path(output_dir) / name if several else output_dir
+        thresholds = set_threshold_file(threshold_file, name) if several else threshold_file
+        logger.info("test set %s: outputs in %s", name, out)
+        results[name] = evaluate(
+            network, inferer, preprocessing, val, test, out, thresholds, **options, healthy_memo=memo
+        )
+    return results
