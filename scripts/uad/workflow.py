@@ -64,8 +64,8 @@ def collect_cases(
             "mask": _numpy(mask) > 0,
             "seg": _numpy(batch["seg"]) > 0 if "seg" in batch else None,
         }
-        if healthy_memo is not None and "seg" not in entry:
-            healthy_memo[_memo_key(entry)] = case
+        if "seg" not in entry:
+            memo[_memo_key(entry)] = case
     return [inferred[id(e)] if id(e) in inferred else memo[_memo_key(e)] for e in entries]
 
 
