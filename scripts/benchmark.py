@@ -271,6 +271,8 @@ def evaluate(
     overrides = {**dataset.overrides, **dataset.targets[target], **method.overrides, **method.eval_overrides}
     overrides.pop("batch_size", None)  # training batch size; the inferers batch all slices of a volume
     overrides.update({"device": f"$torch.device('{args.device}')", "output_dir": str(out)})
+    if args.amp:
+        overrides["amp"] = True  # else the bundle's default: autocast with CUDA only
     overrides["threshold_file"] = str(out / "thresholds.json")
     if weights is not None:
         overrides["ckpt_path"] = str(weights)
@@ -418,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo-sets", nargs="+", default=["Tumour", "MS", "Stroke"])
     parser.add_argument("--contrasts", nargs="+", default=["t2"], choices=("t1", "t2"))
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="evaluate under autocast also on CPU (bf16); default: the bundles' (with CUDA only)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="data seed (demo cohort, inserted lesions)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))
     args = parser.parse_args(argv)
