@@ -23,7 +23,7 @@ from pathlib import Path
 
 from make_demo_data import SIZES
 from uad.data import dataset_entries
-from uad.workflow import set_threshold_file
+from uad.workflow import set_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = {"cddpm": "cddpm_bundle", "autoddpm": "autoddpm_bundle"}
@@ -125,10 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             output_dir=str(work / "eval"),
             threshold_file=str(thresholds),
         )
-        several = len(args.sets) > 1  # one set writes straight to output_dir and threshold_file
-        for set_name in args.sets:
-            metrics = work / "eval" / (set_name if several else "") / "metrics.json"
-            rows[(method, set_name)] = metrics_row(json.loads(metrics.read_text()))
+        outputs = {s: set_outputs(work / "eval", thresholds, s, len(args.sets) > 1) for s in args.sets}
+        for set_name, (eval_dir, _) in outputs.items():
+            rows[(method, set_name)] = metrics_row(json.loads((eval_dir / "metrics.json").read_text()))
         set_name = args.sets[0]
         case = first_test_case(data, set_name, args.contrast)
         bundle_run(
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             input_file=case["image"],
             input_mask=case["mask"],
             output_dir=str(work / f"maps_{set_name}"),
-            threshold_file=set_threshold_file(thresholds, set_name) if several else str(thresholds),
+            threshold_file=outputs[set_name][1],
         )
 
     table = format_table(rows)

@@ -279,7 +279,7 @@ def test_evaluate_cases_with_one_kind_of_validation_case(cohort, tmp_path, caplo
 
 
 def test_evaluate_sets_calibrates_each_set_and_infers_shared_healthy_volumes_once(tmp_path):
-    from uad.workflow import evaluate_sets, set_threshold_file
+    from uad.workflow import evaluate_sets, set_outputs
 
     def preprocessing(entry: dict) -> dict:
         image, mask = torch.full((1, *SHAPE), 0.5), torch.ones(1, *SHAPE)
@@ -318,8 +318,9 @@ def test_evaluate_sets_calibrates_each_set_and_infers_shared_healthy_volumes_onc
         stored = json.loads((tmp_path / f"t_{name}.json").read_text())
         assert stored["threshold"] == metrics["thresholds"]["best_dice_val"]
         assert metrics["cases"]["best_dice_calibration"] == [f"v{name.lower()}0", f"v{name.lower()}1"]  # own split
-    assert set_threshold_file(tmp_path / "t.json", "A") == str(tmp_path / "t_A.json")
-    assert set_threshold_file("", "A") is None
+    assert set_outputs(tmp_path, tmp_path / "t.json", "A", True) == (tmp_path / "A", str(tmp_path / "t_A.json"))
+    assert set_outputs(tmp_path, "", "A", True) == (tmp_path / "A", None)
+    assert set_outputs(tmp_path, tmp_path / "t.json", "A", False) == (tmp_path, str(tmp_path / "t.json"))
     one = evaluate_sets(
         torch.nn.Identity(), inferer, preprocessing, {"A": sets["A"]}, tmp_path / "one", None, **options
     )

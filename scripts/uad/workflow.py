@@ -19,7 +19,7 @@ from .data import case_name
 from .evaluation import evaluate_cases
 from .io import atomic_output
 
-__all__ = ["collect_cases", "evaluate", "evaluate_sets", "format_metrics", "set_threshold_file"]
+__all__ = ["collect_cases", "evaluate", "evaluate_sets", "format_metrics", "set_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +124,17 @@ def evaluate(
     return metrics
 
 
-def set_threshold_file(threshold_file: str | os.PathLike | None, set_name: str) -> str | None:
-    """The threshold file of one of several test sets: ``thresholds.json`` -> ``thresholds_<set_name>.json``."""
+def set_outputs(
+    output_dir: str | os.PathLike, threshold_file: str | os.PathLike | None, set_name: str, several: bool
+) -> tuple[Path, str | None]:
+    """Where :func:`evaluate_sets` writes a test set: ``output_dir`` and ``threshold_file`` themselves when it is the
+    only set; ``output_dir/<set_name>`` and ``thresholds_<set_name>.json`` beside ``threshold_file`` among several."""
+    if not several:
+        return Path(output_dir), str(threshold_file) if threshold_file else None
     if not threshold_file:
-        return None
+        return Path(output_dir) / set_name, None
     path = Path(threshold_file)
-    return str(path.with_name(f"{path.stem}_{set_name}{path.suffix}"))
+    return Path(output_dir) / set_name, str(path.with_name(f"{path.stem}_{set_name}{path.suffix}"))
 
 
 def evaluate_sets(
@@ -143,9 +148,9 @@ def evaluate_sets(
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate` for each test set ``{name: (val_entries, test_entries)}``, each calibrated on its own split.
 
-    One set writes to ``output_dir`` and ``threshold_file``; several write to ``output_dir/<name>`` and
-    :func:`set_threshold_file`, and the healthy validation volumes they share are inferred once. ``options``: the
-    keyword arguments of :func:`evaluate` (``device``, ``fprs``, ``min_component_size``, ``n_overlays``, ``extra``).
+    Outputs go where :func:`set_outputs` says; several sets infer the healthy validation volumes they share once.
+    ``options``: the keyword arguments of :func:`evaluate` (``device``, ``fprs``, ``min_component_size``,
+    ``n_overlays``, ``extra``).
 
     Returns:
         the metrics of each set.
@@ -154,8 +159,7 @@ def evaluate_sets(
     memo: dict[tuple, dict[str, Any]] | None = {} if several else None
     results = {}
     for name, (val, test) in sets.items():
-        out = Path(output_dir) / name if several else output_dir
-        thresholds = set_threshold_file(threshold_file, name) if several else threshold_file
+        out, thresholds = set_outputs(output_dir, threshold_file, name, several)
         logger.info("test set %s: outputs in %s", name, out)
         results[name] = evaluate(
             network, inferer, preprocessing, val, test, out, thresholds, **options, healthy_memo=memo
