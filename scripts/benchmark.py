@@ -16,6 +16,8 @@ Methods (``--methods``):
   brain box, ``--brain_crop True``);
 - the efficient recipe, both changes that paid off together (t in [200, 800) and the brain-box crop), with and
   without conditioning: ``cddpm_efficient`` and ``ddpm_efficient``.
+- AutoDDPM's efficient recipe, its test noise levels (t in [0, 200)) and the brain-box crop, with both samplers:
+  ``autoddpm_efficient_ref`` and ``autoddpm_efficient_fast`` (one training).
 
 Every training and evaluation is the bundle's own ``python -m monai.bundle run`` command (the commands are logged).
 Training runs in ``--curve-points`` stages of ``budget / points`` iterations, resuming from the bundle's checkpoint;
@@ -76,6 +78,12 @@ class Method:
 
 TEST_NOISE_LEVELS = {"timestep_range": [200, 800]}  # train on the noise levels used at test time
 BRAIN_CROP = {"train_configs": ("brain_crop",), "eval_overrides": {"brain_crop": True}}  # crop to train, box to infer
+AUTODDPM_EFFICIENT = {  # its mask and re-sample chains start below level 200
+    "bundle": "autoddpm",
+    "training": "autoddpm_efficient",
+    "overrides": {"timestep_range": [0, 200]},
+    "train_configs": BRAIN_CROP["train_configs"],
+}
 METHODS = {
     "intensity": Method("intensity only"),
     "mean_image": Method("mean healthy image"),
@@ -87,6 +95,18 @@ METHODS = {
         "AutoDDPM (DDPM, reference)", "autoddpm", "autoddpm", eval_overrides={"sampler": "ddpm"}, curve=False
     ),
     "autoddpm_fast": Method("AutoDDPM (DDIM, fast)", "autoddpm", "autoddpm", eval_overrides={"sampler": "ddim"}),
+    # AutoDDPM's efficient recipe: train on its test noise levels (below 200) and on brain-box crops
+    "autoddpm_efficient_ref": Method(
+        "AutoDDPM, t in [0, 200) + brain-box crop (DDPM, reference)",
+        **AUTODDPM_EFFICIENT,
+        eval_overrides={"brain_crop": True, "sampler": "ddpm"},
+        curve=False,
+    ),
+    "autoddpm_efficient_fast": Method(
+        "AutoDDPM, t in [0, 200) + brain-box crop (DDIM, fast)",
+        **AUTODDPM_EFFICIENT,
+        eval_overrides={"brain_crop": True, "sampler": "ddim"},
+    ),
     # learning-efficiency changes, each against `cddpm`
     "cddpm_t200_800": Method("cDDPM, t in [200, 800)", training="cddpm_t200_800", overrides=TEST_NOISE_LEVELS),
     "cddpm_linear": Method(

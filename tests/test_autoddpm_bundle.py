@@ -11,12 +11,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_GRID, TINY_RUN, bundle_parser, run_bundle
+from conftest import REPO, TINY_GRID, TINY_RUN, brain_crop_slices, bundle_parser, run_bundle
 from monai.bundle import ConfigParser
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from autoddpm_bundle.scripts.diffusion import SeededDiffusionPrepareBatch
+from autoddpm_bundle.scripts.diffusion import NoisePredictionPrepareBatch
 from autoddpm_bundle.scripts.inferer import STAGE_KEYS, AutoDDPMAnomalyInferer
 from autoddpm_bundle.scripts.perceptual import LPIPSDistance, SSIMDistance, build_perceptual
 from autoddpm_bundle.scripts.stages import FlattenStagesd, StagesPrepareBatch
@@ -108,7 +108,9 @@ def test_default_configs_are_paper_sized(bundle_imports):
     assert p["scheduler"]["schedule"] == "linear_beta" and p["scheduler"]["prediction_type"] == "epsilon"
     assert (p["scheduler"]["beta_start"], p["scheduler"]["beta_end"], p["num_train_timesteps"]) == (1e-4, 0.02, 1000)
     assert p["loss"]["_target_"] == "torch.nn.MSELoss" and p["batch_size"] == 16 and p["learning_rate"] == 1e-4
-    assert p["train"]["prepare_batch"]["_target_"] == "monai.engines.DiffusionPrepareBatch"
+    assert p["train"]["prepare_batch"]["_target_"] == "scripts.diffusion.NoisePredictionPrepareBatch"
+    assert p["timestep_range"] == [0, 1000]  # the whole schedule unless an overlay narrows it
+    assert p["train"]["prepare_batch"]["timestep_range"] == p["validate"]["prepare_batch"]["timestep_range"]
     assert p["train"]["inferer"]["_target_"] == "monai.inferers.DiffusionInferer"
     assert p["image_size"] == [96, 96, 50] and p["pixdim"] == [2.0, 2.0, 2.0]
     # resumable like the cDDPM bundle (whose test suite runs an actual resume): same shared hook, same state
@@ -160,6 +162,10 @@ def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports, tm
     assert [type(h).__name__ for h in handlers] == ["ValidationHandler"]  # other ranks neither save nor log
     inferer = parser("inference.json", "demo.json").get_parsed_content("inferer")
     assert type(inferer).__name__ == "AutoDDPMAnomalyInferer" and inferer.sampler == "ddim"
+    assert inferer.brain_box_multiple is None
+    boxed = parser("inference.json", "demo.json")
+    boxed["brain_crop"] = True
+    assert boxed.get_parsed_content("inferer").brain_box_multiple == 4  # 3 UNet levels
     evaluate = parser("evaluate.json", "demo.json")
     evaluate.update({"dataset_dir": str(demo_cohort), "test_set": "Tumour"})
     val, test = evaluate.get_parsed_content("entries")["Tumour"]
@@ -186,7 +192,7 @@ def test_training_slices_are_in_model_range(demo_cohort, bundle_imports):
 
 
 def test_seeded_validation_batch_stacks_brain_slices_and_repeats_per_epoch():
-    prepare = SeededDiffusionPrepareBatch(1000, seed=3)
+    prepare = NoisePredictionPrepareBatch(1000, seed=3)
     volume = torch.full((2, 1, 8, 8, 5), -1.0)
     mask = torch.zeros_like(volume)
     mask[0, :, 2:6, 2:6, 1:3] = 1
@@ -201,6 +207,26 @@ def test_seeded_validation_batch_stacks_brain_slices_and_repeats_per_epoch():
     assert not torch.equal(prepare({"image": volume, "mask": mask})[1], noise)
     with pytest.raises(ValueError, match="brain mask"):
         prepare({"image": volume})
+
+
+def test_training_batch_draws_timesteps_from_the_range():
+    prepare = NoisePredictionPrepareBatch(1000, timestep_range=(0, 200))
+    images, noise, _, kwargs = prepare({"image": torch.rand(4000, 1, 2, 2) * 2 - 1})
+    steps = kwargs["timesteps"]
+    assert images.shape == noise.shape == (4000, 1, 2, 2) and steps.min() >= 0 and steps.max() == 199
+    with pytest.raises(ValueError, match="timestep_range"):
+        NoisePredictionPrepareBatch(1000, timestep_range=(0, 1001))
+
+
+def test_brain_crop_gives_brain_box_slices_padded_with_the_model_background(demo_cohort, bundle_imports):
+    bundle_imports("autoddpm_bundle")
+    slices, p = brain_crop_slices("autoddpm_bundle", {**TINY_GRID, "slices_per_volume": 3}, demo_cohort)
+    assert all((s["image"][s["mask"] <= 0] == -1).all() for s in slices)  # outside the brain: the model background
+    tall = dict(slices[0], image=torch.full((1, 40, 8), 0.5), mask=torch.ones(1, 40, 8))
+    batch = p.get_parsed_content("train#dataloader#collate_fn")([slices, [tall]])
+    largest = 40, max(s["image"].shape[2] for s in slices)
+    assert batch["image"].shape == (len(slices) + 1, 1, *largest)
+    assert (batch["image"][-1][batch["mask"][-1] <= 0] == -1).all() and (batch["mask"][-1] > 0).sum() == 40 * 8
 
 
 def test_trainer_step_predicts_the_noise():
@@ -366,6 +392,35 @@ def test_real_unet_runs_both_samplers_reproducibly(sampler):
     assert torch.allclose(inferer(volume, net.to(memory_format=torch.channels_last)), amap, atol=1e-4)  # CPU option
     stack = volume[0].permute(3, 0, 1, 2)
     assert inferer(stack, net).shape == stack.shape
+
+
+def test_inferer_runs_the_stages_on_the_brain_box_only():
+    shapes = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, timesteps):
+            shapes.append(tuple(x.shape))
+            return torch.randn(x.shape, generator=torch.Generator().manual_seed(len(shapes)))
+
+    volume = torch.zeros(1, 1, 32, 32, 3)
+    volume[..., 9:19, 6:12, :] = torch.rand(1, 1, 10, 6, 3) * 0.8 + 0.1
+    inferer = AutoDDPMAnomalyInferer(
+        DDIMScheduler(1000),
+        mask_steps=2,
+        resample_steps=1,
+        median_kernel=1,
+        erosion_iterations=1,
+        mask_threshold=0.0,
+        brain_box_multiple=4,
+    )
+    out = inferer(volume, Recorder(), mask=volume > 0, return_intermediates=True)
+    assert set(shapes) == {(3, 1, 12, 8)} and len(shapes) == inferer.network_passes_per_slice
+    outside = torch.ones_like(volume, dtype=torch.bool)
+    outside[..., 8:20, 5:13, :] = False  # the 12 x 8 box around the brain
+    assert out["stitch_mask"][outside].max() == 0 and out["likelihood"][outside].max() == 0
+    for key in ("reconstruction", "stitched", "inpainted"):
+        assert out[key].shape == volume.shape and torch.equal(out[key][outside], volume[outside])
+    assert out["stitch_mask"][volume > 0].min() == 1 and out["pred"].max() > 0
 
 
 def test_stage_plumbing_for_inference_outputs():

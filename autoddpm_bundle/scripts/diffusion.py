@@ -1,8 +1,8 @@
-"""Seeded noise-prediction batches for validating the DDPM on whole healthy volumes."""
+"""Noise-prediction batches for training and validating the DDPM on brain slices."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from monai.engines import DiffusionPrepareBatch
@@ -10,29 +10,41 @@ from monai.engines import DiffusionPrepareBatch
 from .uad.inference import brain_slices
 from .uad.training import EpochSeeded
 
-__all__ = ["SeededDiffusionPrepareBatch"]
+__all__ = ["NoisePredictionPrepareBatch"]
 
 
-class SeededDiffusionPrepareBatch(EpochSeeded, DiffusionPrepareBatch):
-    """``DiffusionPrepareBatch`` for validation: brain slices of volumes, noise and timesteps from a seeded generator.
+class NoisePredictionPrepareBatch(EpochSeeded, DiffusionPrepareBatch):
+    """``DiffusionPrepareBatch`` on brain slices, with timesteps from a range and optionally seeded draws.
 
     Returns ``(x0, noise, (), {"noise", "timesteps"})`` like the parent, so ``DiffusionInferer`` noises x0 and the
-    network's noise estimate is compared with ``noise``. Attached to an evaluator (list it in its handlers), the
-    generator is reset at every epoch start, so every validation round draws the same noise and timesteps and the
-    validation loss is comparable across epochs.
+    network's noise estimate is compared with ``noise``. With a ``seed``, attached to an engine (list it in its
+    handlers), the generator is reset at every epoch start, so every validation round draws the same noise and
+    timesteps and the validation loss is comparable across epochs.
 
     Args:
-        num_train_timesteps: timesteps are drawn uniformly from [0, num_train_timesteps).
-        seed: seed of the generator; None draws unseeded like the parent.
+        num_train_timesteps: length of the noise schedule.
+        timestep_range: timesteps are drawn uniformly from [low, high); default the whole schedule. AutoDDPM only
+            denoises from the levels of its mask and re-sample stages at test time (below 200), so training there
+            spends every step on them.
+        seed: seed of the generator; None draws from the global RNG like the parent (training).
         image_key: key of the images in the model range [-1, 1]: slices (B, 1, H, W), or volumes (B, 1, H, W, D)
             whose slices containing brain (``mask_key``) are stacked into one batch.
         mask_key: key of the brain masks, required for volumes.
     """
 
     def __init__(
-        self, num_train_timesteps: int, seed: int | None = 0, image_key: str = "image", mask_key: str = "mask"
+        self,
+        num_train_timesteps: int,
+        timestep_range: Sequence[int] | None = None,
+        seed: int | None = None,
+        image_key: str = "image",
+        mask_key: str = "mask",
     ) -> None:
         DiffusionPrepareBatch.__init__(self, num_train_timesteps=num_train_timesteps)
+        low, high = timestep_range if timestep_range is not None else (0, num_train_timesteps)
+        if not 0 <= low < high <= num_train_timesteps:
+            raise ValueError(f"timestep_range must lie in [0, {num_train_timesteps}], got {(low, high)}")
+        self.timestep_range = (int(low), int(high))
         self.seed = seed
         self.image_key = image_key
         self.mask_key = mask_key
@@ -41,8 +53,9 @@ class SeededDiffusionPrepareBatch(EpochSeeded, DiffusionPrepareBatch):
         return torch.randn(images.shape, generator=self.seeded_generator(images.device), device=images.device)
 
     def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
+        low, high = self.timestep_range
         generator = self.seeded_generator(images.device)
-        return torch.randint(0, self.num_train_timesteps, (images.shape[0],), device=images.device, generator=generator)
+        return torch.randint(low, high, (images.shape[0],), device=images.device, generator=generator)
 
     def __call__(
         self,

@@ -13,7 +13,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from .perceptual import SSIMDistance
-from .uad.inference import slice_volumes, stack_slices
+from .uad.inference import brain_box, slice_volumes, stack_slices
 from .uad.postprocessing import erode_mask_per_slice, median_filter_3d
 
 __all__ = ["STAGE_KEYS", "AutoDDPMAnomalyInferer"]
@@ -78,6 +78,8 @@ class AutoDDPMAnomalyInferer(Inferer):
         median_kernel: size of the 3D median filter (1 disables it).
         seed: seed of all noise, so repeated calls give the same map; None draws fresh noise.
         amp: run the network under autocast (fp16 on CUDA, bf16 on CPU).
+        brain_box_multiple: run the stages on the brain's bounding box only (sides rounded up to this multiple), as
+            networks trained on brain-box crops (``configs/brain_crop.json``) expect; None runs whole slices.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class AutoDDPMAnomalyInferer(Inferer):
         median_kernel: int = 5,
         seed: int | None = 0,
         amp: bool = False,
+        brain_box_multiple: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(scheduler, DDPMScheduler | DDIMScheduler):
@@ -126,6 +129,7 @@ class AutoDDPMAnomalyInferer(Inferer):
         self.median_kernel = median_kernel
         self.seed = seed
         self.amp = amp
+        self.brain_box_multiple = brain_box_multiple
         logger.info(
             "AutoDDPM inferer: %s sampler, mask %d steps from level %d, re-sample %d steps x %d from level %d "
             "(%d network passes per slice), perceptual term %s",
@@ -310,11 +314,18 @@ class AutoDDPMAnomalyInferer(Inferer):
         """
         volumes, brain, restore = slice_volumes(inputs, mask)
         slices, index = stack_slices(volumes, brain)
-        stages = self.run_slices(slices, brain.permute(0, 4, 1, 2, 3)[index], network)
+        slice_brain = brain.permute(0, 4, 1, 2, 3)[index]
+        box = (slice(None), slice(None))
+        if self.brain_box_multiple:
+            box = brain_box(slice_brain, self.brain_box_multiple)
+        stages = self.run_slices(slices[..., box[0], box[1]], slice_brain[..., box[0], box[1]], network)
         full = {}
         for key, value in stages.items():
-            volume = torch.zeros_like(volumes) if key in ("likelihood", "stitch_mask") else volumes.clone()
-            volume.permute(0, 4, 1, 2, 3)[index] = value
+            zero_outside = key in ("likelihood", "stitch_mask")  # outside the box and brain: no anomaly, x itself
+            slice_values = torch.zeros_like(slices) if zero_outside else slices.clone()
+            slice_values[..., box[0], box[1]] = value
+            volume = torch.zeros_like(volumes) if zero_outside else volumes.clone()
+            volume.permute(0, 4, 1, 2, 3)[index] = slice_values
             full[key] = volume
         eroded = erode_mask_per_slice(brain, self.erosion_iterations).float()
         residual = (volumes - full["inpainted"]).abs() * full["likelihood"] * eroded

@@ -56,12 +56,15 @@ class EpochSeeded:
         return self.generator
 
 
-def pad_slices_collate(batch: list) -> dict:
-    """Collate slices of different sizes (e.g. cropped to the brain): zero-pad each to the largest of the batch.
+def pad_slices_collate(batch: list, background: float = 0.0) -> dict:
+    """Collate slices of different sizes (e.g. cropped to the brain): pad each to the largest of the batch.
 
-    Items may be lists of slices (``num_samples`` of a random crop per volume); they are flattened first.
+    Items may be lists of slices (``num_samples`` of a random crop per volume); they are flattened first. Every key
+    is padded with ``background``, the value of the images outside the brain (0 in [0, 1], -1 in the model range
+    [-1, 1]); a mask padded with -1 still reads "not brain" (``mask > 0``).
     """
-    return pad_list_data_collate([s for item in batch for s in (item if isinstance(item, list) else [item])])
+    slices = [s for item in batch for s in (item if isinstance(item, list) else [item])]
+    return pad_list_data_collate(slices, value=background)
 
 
 REPORTING_HANDLERS = (CheckpointSaver, StatsHandler, TensorBoardStatsHandler, MLFlowHandler, ProgressBar)
