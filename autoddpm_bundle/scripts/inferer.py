@@ -309,8 +309,9 @@ class AutoDDPMAnomalyInferer(Inferer):
             return_intermediates: return a dict ``{"pred": map, **stage outputs}`` (keys ``STAGE_KEYS``).
 
         Returns:
-            the anomaly map shaped like ``inputs`` (and the inpainted image), or the dict. Slices without brain are not
-            run: their map, likelihood and mask are zero and their reconstructions equal the input.
+            the anomaly map shaped like ``inputs`` (and the inpainted image), or the dict. Slices without brain (and,
+            with ``brain_box_multiple``, pixels outside the brain box) are not run: their map, likelihood and mask are
+            zero and their reconstructions equal the input.
         """
         volumes, brain, restore = slice_volumes(inputs, mask)
         slices, index = stack_slices(volumes, brain)
