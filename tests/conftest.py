@@ -47,7 +47,8 @@ def bundle_parser(bundle: str, *names: str) -> ConfigParser:
 
 def brain_crop_slices(bundle: str, overrides: dict, demo_cohort: Path) -> tuple[list[dict], ConfigParser]:
     """Training slices of the first demo volume through ``<bundle>``'s ``brain_crop.json`` overlay (and the parser),
-    checked to be the brain's bounding box grown to sides divisible by 4 (the 3 levels of the tiny UNets)."""
+    checked to be the brain's bounding box grown to sides divisible by 4 (the 3 levels of the tiny UNets); the
+    validation volumes are cropped to their brain box too."""
     parser = bundle_parser(bundle, "train.json", "demo.json", "brain_crop.json")
     parser.update({**overrides, "dataset_dir": str(demo_cohort)})
     slices = parser.get_parsed_content("train#preprocessing")(parser.get_parsed_content("train#datalist")[0])
@@ -56,6 +57,9 @@ def brain_crop_slices(bundle: str, overrides: dict, demo_cohort: Path) -> tuple[
         h, w = s["image"].shape[1:]
         assert (h, w) != tuple(TINY_GRID["image_size"][:2]) and h % 4 == 0 and w % 4 == 0
         assert ys.max() - ys.min() + 1 > h - 4 and xs.max() - xs.min() + 1 > w - 4  # the box, up to divisibility
+    volume = parser.get_parsed_content("validate#preprocessing")(parser.get_parsed_content("validate#datalist")[0])
+    h, w = volume["image"].shape[1:3]
+    assert (h, w) != tuple(TINY_GRID["image_size"][:2]) and h % 4 == 0 and w % 4 == 0
     return slices, parser
 
 
