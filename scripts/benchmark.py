@@ -99,13 +99,13 @@ METHODS = {
     "autoddpm_efficient_ref": Method(
         "AutoDDPM, t in [0, 200) + brain-box crop (DDPM, reference)",
         **AUTODDPM_EFFICIENT,
-        eval_overrides={"brain_crop": True, "sampler": "ddpm"},
+        eval_overrides={**BRAIN_CROP["eval_overrides"], "sampler": "ddpm"},
         curve=False,
     ),
     "autoddpm_efficient_fast": Method(
         "AutoDDPM, t in [0, 200) + brain-box crop (DDIM, fast)",
         **AUTODDPM_EFFICIENT,
-        eval_overrides={"brain_crop": True, "sampler": "ddim"},
+        eval_overrides={**BRAIN_CROP["eval_overrides"], "sampler": "ddim"},
     ),
     # learning-efficiency changes, each against `cddpm`
     "cddpm_t200_800": Method("cDDPM, t in [200, 800)", training="cddpm_t200_800", overrides=TEST_NOISE_LEVELS),

@@ -8,7 +8,7 @@ import torch
 from monai.engines import DiffusionPrepareBatch
 
 from .uad.inference import brain_slices
-from .uad.training import EpochSeeded
+from .uad.training import EpochSeeded, timestep_bounds
 
 __all__ = ["NoisePredictionPrepareBatch"]
 
@@ -41,10 +41,7 @@ class NoisePredictionPrepareBatch(EpochSeeded, DiffusionPrepareBatch):
         mask_key: str = "mask",
     ) -> None:
         DiffusionPrepareBatch.__init__(self, num_train_timesteps=num_train_timesteps)
-        low, high = timestep_range if timestep_range is not None else (0, num_train_timesteps)
-        if not 0 <= low < high <= num_train_timesteps:
-            raise ValueError(f"timestep_range must lie in [0, {num_train_timesteps}], got {(low, high)}")
-        self.timestep_range = (int(low), int(high))
+        self.timestep_range = timestep_bounds(timestep_range, num_train_timesteps)
         self.seed = seed
         self.image_key = image_key
         self.mask_key = mask_key

@@ -316,15 +316,15 @@ class AutoDDPMAnomalyInferer(Inferer):
         volumes, brain, restore = slice_volumes(inputs, mask)
         slices, index = stack_slices(volumes, brain)
         slice_brain = brain.permute(0, 4, 1, 2, 3)[index]
-        box = (slice(None), slice(None))
+        rows, cols = slice(None), slice(None)
         if self.brain_box_multiple:
-            box = brain_box(slice_brain, self.brain_box_multiple)
-        stages = self.run_slices(slices[..., box[0], box[1]], slice_brain[..., box[0], box[1]], network)
+            rows, cols = brain_box(slice_brain, self.brain_box_multiple)
+        stages = self.run_slices(slices[..., rows, cols], slice_brain[..., rows, cols], network)
         full = {}
         for key, value in stages.items():
             zero_outside = key in ("likelihood", "stitch_mask")  # outside the box and brain: no anomaly, x itself
             slice_values = torch.zeros_like(slices) if zero_outside else slices.clone()
-            slice_values[..., box[0], box[1]] = value
+            slice_values[..., rows, cols] = value
             volume = torch.zeros_like(volumes) if zero_outside else volumes.clone()
             volume.permute(0, 4, 1, 2, 3)[index] = slice_values
             full[key] = volume

@@ -9,7 +9,7 @@ from monai.engines.utils import PrepareBatch
 from monai.networks.schedulers import Scheduler
 
 from .uad.inference import brain_slices
-from .uad.training import EpochSeeded
+from .uad.training import EpochSeeded, timestep_bounds
 
 __all__ = ["X0PrepareBatch"]
 
@@ -45,10 +45,7 @@ class X0PrepareBatch(EpochSeeded, PrepareBatch):
         self.noise = noise
         self.image_key = image_key
         self.mask_key = mask_key
-        low, high = timestep_range if timestep_range is not None else (0, scheduler.num_train_timesteps)
-        if not 0 <= low < high <= scheduler.num_train_timesteps:
-            raise ValueError(f"timestep_range must lie in [0, {scheduler.num_train_timesteps}], got {(low, high)}")
-        self.timestep_range = (int(low), int(high))
+        self.timestep_range = timestep_bounds(timestep_range, scheduler.num_train_timesteps)
         self.seed = seed
 
     def __call__(

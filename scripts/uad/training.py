@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "load_weights",
     "pad_slices_collate",
     "rank_handlers",
+    "timestep_bounds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,15 @@ class EpochSeeded:
         if self.generator is None or self.generator.device != device:
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
         return self.generator
+
+
+def timestep_bounds(timestep_range: Sequence[int] | None, num_train_timesteps: int) -> tuple[int, int]:
+    """[low, high) of the timesteps a training batch draws: ``timestep_range`` checked against the schedule, or the
+    whole schedule when it is None."""
+    low, high = timestep_range if timestep_range is not None else (0, num_train_timesteps)
+    if not 0 <= low < high <= num_train_timesteps:
+        raise ValueError(f"timestep_range must lie in [0, {num_train_timesteps}], got {(low, high)}")
+    return int(low), int(high)
 
 
 def pad_slices_collate(batch: list, background: float = 0.0) -> dict:
