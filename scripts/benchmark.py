@@ -57,6 +57,7 @@ from benchmarking import BUNDLES, REPO, bundle_context, header, load_config, mar
 from make_demo_data import SIZES  # noqa: E402
 from run_demo import bundle_command, chance_auprc  # noqa: E402
 from uad.baselines import mean_healthy_image  # noqa: E402
+from uad.precision import parse_amp  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -290,9 +291,7 @@ def evaluate(
         configs.append(baseline_config(method_name, dataset, work))
     overrides = {**dataset.overrides, **dataset.targets[target], **method.overrides, **method.eval_overrides}
     overrides.pop("batch_size", None)  # training batch size; the inferers batch all slices of a volume
-    overrides.update({"device": f"$torch.device('{args.device}')", "output_dir": str(out)})
-    if args.amp:
-        overrides["amp"] = True  # else the bundle's default: autocast with CUDA only
+    overrides.update({"device": f"$torch.device('{args.device}')", "output_dir": str(out), "amp": args.amp})
     overrides["threshold_file"] = str(out / "thresholds.json")
     if weights is not None:
         overrides["ckpt_path"] = str(weights)
@@ -442,8 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument(
         "--amp",
-        action="store_true",
-        help="evaluate under autocast also on CPU (bf16); default: the bundles' (with CUDA only)",
+        default="auto",
+        type=parse_amp,
+        help="autocast in the evaluations: auto (CUDA, or a CPU with native bf16), True or False",
     )
     parser.add_argument("--seed", type=int, default=0, help="data seed (demo cohort, inserted lesions)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 from uad.io import atomic_output
+from uad.precision import cpu_bf16_native, cpu_description
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = {"cddpm": REPO / "cddpm_bundle", "autoddpm": REPO / "autoddpm_bundle"}
@@ -33,6 +34,8 @@ def machine() -> dict[str, Any]:
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_bf16_native(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -51,7 +54,7 @@ def header(title: str) -> str:
     device = f"GPU {m['gpu']}" if m["gpu"] else "no GPU"
     return (
         f"# {title}\n\n`{command()}`\n\n"
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {device}; "
+        f"Machine: {m['cpu']} ({cpu_description()}), {m['cores']} cores, {device}; "
         f"torch {m['torch']}, Python {m['python']}.\n"
     )
 
