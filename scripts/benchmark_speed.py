@@ -8,10 +8,15 @@ weights: speed does not depend on them) and times
 - inference: the bundle's anomaly inferer on one volume of ``--slices`` brain slices, all slices in one batch, under
   ``torch.inference_mode``; seconds per slice and per 96x96x50 volume (``50 x`` seconds per slice).
 
-for each variant: ``fp32``, ``amp`` (fp16 autocast on CUDA; bf16 on CPU, inference only since MONAI's trainer autocast
-is CUDA-only), ``amp+cl`` (and channels-last weights, the bundles' default on CPU), ``per-slice`` (amp, one slice per
-network call instead of the whole volume, CUDA; not run for AutoDDPM's 450-pass DDPM chain). Writes ``speed.md`` /
-``speed.json`` with the command and machine at the top.
+for each variant: ``fp32`` (eager), ``cl`` (fp32, channels-last weights: the bundles' CPU default), ``amp`` (fp16
+autocast on CUDA; bf16 on CPU, inference only since MONAI's trainer autocast is CUDA-only), ``amp+cl``, ``per-slice``
+(amp, one slice per network call instead of the whole volume, CUDA; not run for AutoDDPM's 450-pass DDPM chain), and
+the CPU backends of ``cpu_backends.py`` in fp32: ``compile`` (torch.compile, inductor), ``int8-linear`` (dynamic int8
+linear layers), ``onnxruntime`` and ``openvino`` (ONNX export; optional packages). Every map is compared with the fp32
+eager map of the same volume (max abs difference); one-time set-up (export, compilation) is timed apart. The default
+variants: fp32, amp, amp+cl and per-slice with CUDA; fp32 and cl on a CPU, with amp and amp+cl only where the CPU
+computes bf16 natively. Writes ``speed.md`` / ``speed.json`` with the command and machine (CPU capability, native
+bf16 or not, threads) at the top.
 
     python scripts/benchmark_speed.py --device cuda --out runs/speed
     python scripts/benchmark_speed.py --device cpu --train-batch 4 --slices 2 --autoddpm-samplers ddim \
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,9 @@ from benchmarking import (
     timed,
     write_report,
 )
+from cpu_backends import backend_available, build_backend
 from ignite.engine import Engine
+from uad.precision import cpu_bf16_native
 
 VOLUME_SLICES = 50  # the paper's 96x96x50 grid
 COLUMNS = (
@@ -53,7 +61,22 @@ COLUMNS = (
     ("infer_s_per_slice", "infer s/slice"),
     ("infer_s_per_volume", "infer s/volume (50 slices)"),
     ("infer_peak_mb", "infer peak MB"),
+    ("setup_s", "set-up s"),
+    ("max_abs_diff", "max abs diff vs fp32"),
 )
+# variant -> (CPU backend of the network, autocast)
+VARIANTS = {
+    "fp32": ("eager", False),
+    "cl": ("channels-last", False),
+    "amp": ("eager", True),
+    "amp+cl": ("channels-last", True),
+    "per-slice": ("eager", True),
+    "compile": ("compile", False),
+    "int8-linear": ("int8-linear", False),
+    "onnxruntime": ("onnxruntime", False),
+    "openvino": ("openvino", False),
+}
+TRAINED_VARIANTS = ("fp32", "amp", "amp+cl")
 
 
 def training_speed(root: Path, configs: list[str], device: torch.device, variant: str, args) -> dict[str, float]:
@@ -86,29 +109,63 @@ def training_speed(root: Path, configs: list[str], device: torch.device, variant
     }
 
 
+def bundle_network(parser, device: torch.device, demo: bool, root: Path) -> torch.nn.Module:
+    """The configured network in eval mode: the shipped demo weights for the demo size, else random weights with the
+    zero-initialised output layers redrawn (so that maps differ when backends compute differently)."""
+    network = parser.get_parsed_content("network_def")
+    if demo:
+        from scripts.uad.training import load_weights
+
+        return load_weights(network, root / "models" / "demo_model.pt").to(device).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in network.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.02)
+    return network.to(device).eval()
+
+
 def inference_speed(
-    root: Path, configs: list[str], overrides: dict[str, Any], device: torch.device, variant: str, args
-) -> dict[str, float]:
-    """Seconds per slice and per volume of the bundle's anomaly inferer, and its peak memory."""
-    amp, channels_last = variant != "fp32", variant == "amp+cl"
+    root: Path, configs: list[str], overrides: dict[str, Any], device: torch.device, variant: str, args, reference
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Seconds per slice and per volume of the bundle's anomaly inferer with ``variant``, its peak memory and set-up
+    time, and the map's max abs difference from ``reference`` (the fp32 eager map; None: this is it)."""
+    backend, amp = VARIANTS[variant]
     batch = 1 if variant == "per-slice" else args.slices
     parser = load_config(root, ["inference", *configs], {"amp": amp, "batch_size": batch, **overrides})
-    network = parser.get_parsed_content("network_def").to(device).eval()
-    if channels_last:
-        network = network.to(memory_format=torch.channels_last)
     inferer = parser.get_parsed_content("inferer")
     h, w = parser.get_parsed_content("image_size")[:2]
-    volume = torch.rand(1, 1, h, w, args.slices, device=device)
+    generator = torch.Generator().manual_seed(0)
+    volume = torch.rand(1, 1, h, w, args.slices, generator=generator).to(device)
     mask = torch.ones_like(volume)
+    network = bundle_network(parser, device, args.demo, root)
+    start = time.perf_counter()
+    if device.type == "cpu":
+        x = volume[..., 0].expand(2, 1, h, w).contiguous()
+        example = (x, torch.full((2,), 100, dtype=torch.long), x)[: 3 if root.name.startswith("cddpm") else 2]
+        network = build_backend(backend, network, example)
+    elif backend == "channels-last":
+        network = network.to(memory_format=torch.channels_last)
+    setup = time.perf_counter() - start
     reset_peak_memory(device)
-    warmup = int(device.type == "cuda" and inferer.network_passes_per_slice <= 50)  # long chains warm themselves up
-    seconds = timed(lambda: inferer(volume, network, mask=mask), device, warmup=warmup)
-    return {
+    warmup = int(
+        backend == "compile" or (device.type == "cuda" and inferer.network_passes_per_slice <= 50)
+    )  # long chains warm themselves up; compilation is set-up
+    if warmup:
+        start = time.perf_counter()
+        inferer(volume, network, mask=mask)
+        setup += time.perf_counter() - start if backend == "compile" else 0.0
+    maps = []
+    seconds = timed(lambda: maps.append(inferer(volume, network, mask=mask)), device, warmup=0)
+    row = {
         "passes_per_slice": inferer.network_passes_per_slice,
         "infer_s_per_slice": seconds / args.slices,
         "infer_s_per_volume": seconds / args.slices * VOLUME_SLICES,
         "infer_peak_mb": peak_memory_mb(device),
+        "setup_s": setup,
+        "max_abs_diff": None if reference is None else float((maps[-1].float() - reference).abs().max()),
     }
+    return row, maps[-1].float()
 
 
 def settings(bundle: str, samplers: list[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -127,13 +184,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-batch", type=int, default=32, help="slices per training batch (paper: 32)")
     parser.add_argument("--slices", type=int, default=VOLUME_SLICES, help="brain slices in the timed volume")
     parser.add_argument("--autoddpm-samplers", nargs="+", default=["ddpm", "ddim"], choices=("ddpm", "ddim"))
-    parser.add_argument("--variants", nargs="+", default=None, help="fp32 amp amp+cl per-slice (default: by device)")
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: by device")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("runs/speed"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
-    variants = args.variants or (["fp32", "amp", "amp+cl"] + ["per-slice"] * (device.type == "cuda"))
+    if args.variants:
+        variants = args.variants
+    elif device.type == "cuda":
+        variants = ["fp32", "amp", "amp+cl", "per-slice"]
+    else:
+        variants = ["fp32", "cl"] + ["amp", "amp+cl"] * cpu_bf16_native()
+    missing = [v for v in variants if not backend_available(VARIANTS[v][0])]
+    if missing:
+        parser.error(f"variants {missing} need packages that are not installed (see scripts/cpu_backends.py)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     configs = ["demo"] if args.demo else []
@@ -141,18 +206,23 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for bundle in args.bundles:
         with bundle_context(bundle) as root:
-            for variant in variants:
+            references = {}  # setting -> the fp32 eager map every variant is compared with
+            for variant in ["fp32"] * ("fp32" not in variants) + variants:
                 train = {}
-                if not args.skip_training and variant in ("fp32", "amp", "amp+cl"):
+                if not args.skip_training and variant in TRAINED_VARIANTS and variant in variants:
                     if variant == "fp32" or device.type == "cuda":
                         train = training_speed(root, configs, device, variant, args)
                 for label, overrides in settings(bundle, args.autoddpm_samplers):
                     if variant == "per-slice" and overrides.get("sampler") == "ddpm":
                         continue  # 450 passes x 50 one-slice calls: the batched rows already show the gap
                     row = {"bundle": bundle, "setting": label, "variant": variant, **train}
-                    row.update(inference_speed(root, configs, overrides, device, variant, args))
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    speed, maps = inference_speed(
+                        root, configs, overrides, device, variant, args, references.get(label)
+                    )
+                    references.setdefault(label, maps)
+                    if variant in variants:
+                        rows.append({**row, **speed})
+                        print(json.dumps(rows[-1]), flush=True)
                     train = {}
     size = "demo-sized (configs/demo.json)" if args.demo else "paper-sized (configs/train.json defaults)"
     markdown = "\n".join(

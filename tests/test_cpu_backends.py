@@ -1,0 +1,53 @@
+"""CPU backends of the speed benchmark: each runs the bundle network's call signature and reproduces eager outputs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import tiny_diffusion_unet
+from cpu_backends import BACKENDS, backend_available, build_backend
+from monai.networks.nets import ResNet
+
+from cddpm_bundle.scripts.networks import ConditionedDiffusionModel
+
+# torch.compile is left out: inductor's C++ build takes minutes on 2 cores (benchmark_speed.py measures it)
+TESTED = [b for b in BACKENDS if b != "compile"]
+
+
+def _networks() -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    encoder = ResNet("basic", [1, 1, 1, 1], [8, 8, 8, 8], spatial_dims=2, n_input_channels=1, num_classes=16)
+    cddpm = ConditionedDiffusionModel(tiny_diffusion_unet(conditioned=True, context_dim=16), encoder)
+    autoddpm = tiny_diffusion_unet(conditioned=False)
+    for net in (cddpm, autoddpm):
+        with torch.no_grad():
+            for param in net.parameters():  # the UNet's zero-initialised output layers would make every output 0
+                param.add_(torch.randn_like(param) * 0.05)
+    return {"cddpm": cddpm.eval(), "autoddpm": autoddpm.eval()}
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")  # int8-linear: a deprecated torch API, measured
+@pytest.mark.parametrize("backend", TESTED)
+def test_backend_reproduces_eager_outputs_at_new_batch_and_slice_sizes(backend):
+    if not backend_available(backend):
+        pytest.skip(f"{backend} is not installed (optional)")
+    for (name, network), (h, w) in itertools.product(_networks().items(), [(16, 16), (24, 8)]):
+        x = torch.rand(5, 1, h, w) * 2 - 1
+        t = torch.tensor([0, 10, 200, 500, 999])
+        condition = (x + 1) / 2 if name == "cddpm" else None
+        kwargs = {} if condition is None else {"condition": condition}
+        example = (x[:2, :, :16, :16], t[:2]) + (() if condition is None else (condition[:2, :, :16, :16],))
+        with torch.inference_mode():
+            expected = network(x, timesteps=t, **kwargs)
+            prepared = build_backend(backend, network, example)
+            out = prepared(x, timesteps=t, **kwargs)
+        assert out.shape == expected.shape and expected.abs().max() > 0.01, (backend, name)
+        atol = 0.05 if backend == "int8-linear" else 1e-4  # int8 weights change the result a little
+        torch.testing.assert_close(out.float(), expected, atol=atol, rtol=0, msg=f"{backend} on {name}")
+
+
+def test_unknown_or_missing_backend_is_named():
+    with pytest.raises(ValueError, match="unknown CPU backend 'tensorrt'; choose from eager, channels-last"):
+        build_backend("tensorrt", torch.nn.Identity(), ())
