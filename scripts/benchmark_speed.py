@@ -12,11 +12,11 @@ for each variant: ``fp32`` (eager), ``cl`` (fp32, channels-last weights: the bun
 autocast on CUDA; bf16 on CPU, inference only since MONAI's trainer autocast is CUDA-only), ``amp+cl``, ``per-slice``
 (amp, one slice per network call instead of the whole volume, CUDA; not run for AutoDDPM's 450-pass DDPM chain), and
 the CPU backends of ``cpu_backends.py`` in fp32: ``compile`` (torch.compile, inductor), ``int8-linear`` (dynamic int8
-linear layers), ``onnxruntime`` and ``openvino`` (ONNX export; optional packages). Every map is compared with the fp32
-eager map of the same volume (max abs difference); one-time set-up (export, compilation) is timed apart. The default
-variants: fp32, amp, amp+cl and per-slice with CUDA; fp32 and cl on a CPU, with amp and amp+cl only where the CPU
-computes bf16 natively. Writes ``speed.md`` / ``speed.json`` with the command and machine (CPU capability, native
-bf16 or not, threads) at the top.
+linear layers), ``onnxruntime`` and ``openvino`` (ONNX export; optional packages). Every reconstruction is compared
+with the fp32 eager one of the same volume (max abs difference); one-time set-up (export, compilation) is timed apart.
+The default variants: fp32, amp, amp+cl and per-slice with CUDA; fp32 and cl on a CPU, with amp and amp+cl only
+where the CPU computes bf16 natively. Writes ``speed.md`` / ``speed.json`` with the command and machine (CPU
+capability, native bf16 or not, threads) at the top.
 
     python scripts/benchmark_speed.py --device cuda --out runs/speed
     python scripts/benchmark_speed.py --device cpu --train-batch 4 --slices 2 --autoddpm-samplers ddim \
@@ -62,7 +62,7 @@ COLUMNS = (
     ("infer_s_per_volume", "infer s/volume (50 slices)"),
     ("infer_peak_mb", "infer peak MB"),
     ("setup_s", "set-up s"),
-    ("max_abs_diff", "max abs diff vs fp32"),
+    ("max_abs_diff", "recon max abs diff vs fp32"),
 )
 # variant -> (CPU backend of the network, autocast)
 VARIANTS = {
@@ -111,13 +111,13 @@ def training_speed(root: Path, configs: list[str], device: torch.device, variant
 
 def bundle_network(parser, device: torch.device, demo: bool, root: Path) -> torch.nn.Module:
     """The configured network in eval mode: the shipped demo weights for the demo size, else random weights with the
-    zero-initialised output layers redrawn (so that maps differ when backends compute differently)."""
+    zero-initialised output layers redrawn (so that outputs differ when backends compute differently)."""
+    torch.manual_seed(0)  # the same random weights for every variant
     network = parser.get_parsed_content("network_def")
     if demo:
         from scripts.uad.training import load_weights
 
         return load_weights(network, root / "models" / "demo_model.pt").to(device).eval()
-    torch.manual_seed(0)
     with torch.no_grad():
         for param in network.parameters():
             if not param.any():
@@ -128,8 +128,10 @@ def bundle_network(parser, device: torch.device, demo: bool, root: Path) -> torc
 def inference_speed(
     root: Path, configs: list[str], overrides: dict[str, Any], device: torch.device, variant: str, args, reference
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Seconds per slice and per volume of the bundle's anomaly inferer with ``variant``, its peak memory and set-up
-    time, and the map's max abs difference from ``reference`` (the fp32 eager map; None: this is it)."""
+    """Seconds per slice and per volume of the bundle's anomaly inferer with ``variant``, its peak memory, set-up
+    time, and the reconstruction's max abs difference from ``reference`` (the fp32 eager one; None: this is it). The
+    reconstruction, not the map, is compared: the map derives from it, and the 3D median filter zeroes the maps of
+    volumes of a few slices."""
     backend, amp = VARIANTS[variant]
     batch = 1 if variant == "per-slice" else args.slices
     parser = load_config(root, ["inference", *configs], {"amp": amp, "batch_size": batch, **overrides})
@@ -153,19 +155,20 @@ def inference_speed(
     )  # long chains warm themselves up; compilation is set-up
     if warmup:
         start = time.perf_counter()
-        inferer(volume, network, mask=mask)
+        inferer(volume, network, mask=mask, return_reconstruction=True)
         setup += time.perf_counter() - start if backend == "compile" else 0.0
-    maps = []
-    seconds = timed(lambda: maps.append(inferer(volume, network, mask=mask)), device, warmup=0)
+    recons = []
+    run = lambda: recons.append(inferer(volume, network, mask=mask, return_reconstruction=True)[1])  # noqa: E731
+    seconds = timed(run, device, warmup=0)
     row = {
         "passes_per_slice": inferer.network_passes_per_slice,
         "infer_s_per_slice": seconds / args.slices,
         "infer_s_per_volume": seconds / args.slices * VOLUME_SLICES,
         "infer_peak_mb": peak_memory_mb(device),
         "setup_s": setup,
-        "max_abs_diff": None if reference is None else float((maps[-1].float() - reference).abs().max()),
+        "max_abs_diff": None if reference is None else float((recons[-1].float() - reference).abs().max()),
     }
-    return row, maps[-1].float()
+    return row, recons[-1].float()
 
 
 def settings(bundle: str, samplers: list[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for bundle in args.bundles:
         with bundle_context(bundle) as root:
-            references = {}  # setting -> the fp32 eager map every variant is compared with
+            references = {}  # setting -> the fp32 eager reconstruction every variant is compared with
             for variant in ["fp32"] * ("fp32" not in variants) + variants:
                 train = {}
                 if not args.skip_training and variant in TRAINED_VARIANTS and variant in variants:
@@ -216,10 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                     if variant == "per-slice" and overrides.get("sampler") == "ddpm":
                         continue  # 450 passes x 50 one-slice calls: the batched rows already show the gap
                     row = {"bundle": bundle, "setting": label, "variant": variant, **train}
-                    speed, maps = inference_speed(
+                    speed, recon = inference_speed(
                         root, configs, overrides, device, variant, args, references.get(label)
                     )
-                    references.setdefault(label, maps)
+                    references.setdefault(label, recon)
                     if variant in variants:
                         rows.append({**row, **speed})
                         print(json.dumps(rows[-1]), flush=True)

@@ -104,4 +104,4 @@ def inference_network(
         export_onnx(network.to(memory_format=torch.contiguous_format), example, path)
         runtime = OnnxRuntimeNetwork(path)
     logger.info("network exported to ONNX, running on ONNX Runtime (CPU, fp32; %.1f s)", time.perf_counter() - start)
-    return runtime
+    return runtime.eval()
