@@ -519,6 +519,7 @@ def test_bundle_train_writes_checkpoints_and_logs(trained):
     state = torch.load(models / "model.pt", weights_only=True)
     assert any(k.startswith("down_blocks.") for k in state) and tiny_unet().state_dict().keys() == state.keys()
     assert "val_mse" in trained["train_log"] and "train_loss" in trained["train_log"]
+    assert "model.pt holds the best validated weights" in trained["train_log"]  # the short-run fallback stood by
     assert list((trained["work"] / "train").glob("events.out.tfevents.*"))
 
 

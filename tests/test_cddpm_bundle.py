@@ -336,6 +336,24 @@ def test_bundle_inference_writes_maps_in_input_geometry(trained, demo_cohort, tm
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporaries
 
 
+def test_training_shorter_than_val_interval_leaves_a_model_that_inference_finds(demo_cohort, tmp_path):
+    common = {**TINY, "dataset_dir": str(demo_cohort), "ckpt_dir": str(tmp_path / "models")}
+    train = run_bundle(
+        "cddpm_bundle",
+        ["configs/train.json", "configs/demo.json"],
+        {**common, "val_interval": 5, "output_dir": str(tmp_path / "train")},
+    )
+    assert "no validation ran (val_interval > epochs)" in train.stdout + train.stderr
+    assert "val_l1" not in train.stdout + train.stderr
+    image = next((demo_cohort / "Test" / "Tumour" / "t2").glob("*.nii.gz"))
+    run_bundle(
+        "cddpm_bundle",
+        ["configs/inference.json", "configs/demo.json"],
+        {**common, "output_dir": str(tmp_path / "out"), "input_file": str(image), "ensemble_timesteps": [500]},
+    )
+    assert (tmp_path / "out" / image.name.replace(".nii.gz", "_anomaly_map.nii.gz")).is_file()
+
+
 def test_bundle_inference_on_one_file_without_mask(trained, demo_cohort, tmp_path):
     image = next((demo_cohort / "Test" / "Tumour" / "t2").glob("*.nii.gz"))
     out = tmp_path / "one"

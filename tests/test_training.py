@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ignite.engine import Engine
 from ignite.handlers import EMAHandler, ProgressBar
 from monai.handlers import CheckpointSaver, LrScheduleHandler, StatsHandler, TensorBoardStatsHandler, ValidationHandler
-from uad.training import latest_checkpoint, load_checkpoint, load_pretrained_encoder, load_weights, rank_handlers
+from uad.training import (
+    FinalModelFallback,
+    latest_checkpoint,
+    load_checkpoint,
+    load_pretrained_encoder,
+    load_weights,
+    rank_handlers,
+)
 
 
 class Net(torch.nn.Module):
@@ -77,3 +85,20 @@ def test_rank_handlers_keep_what_keeps_ranks_in_step(tmp_path):
     handlers = [keep[0], *report, *keep[1:]]  # overlays append after the base handlers
     assert rank_handlers(handlers, 0) == handlers
     assert rank_handlers(handlers, 1) == keep
+
+
+def test_final_model_fallback_saves_final_weights_only_without_a_validated_model(tmp_path, caplog):
+    net = Net()
+    engine = Engine(lambda e, b: None)
+    FinalModelFallback(net, tmp_path / "models").attach(engine)
+    with caplog.at_level("INFO", logger="uad.training"):
+        engine.run([0], max_epochs=1)
+    saved = torch.load(tmp_path / "models" / "model.pt", weights_only=True, map_location="cpu")
+    assert saved.keys() == net.state_dict().keys() and all(
+        torch.equal(saved[k], v) for k, v in net.state_dict().items()
+    )
+    assert "no validation ran" in caplog.text and not list((tmp_path / "models").glob(".*tmp*"))
+    best = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}  # a validated model.pt is never replaced
+    torch.save(best, tmp_path / "models" / "model.pt")
+    engine.run([0], max_epochs=2)
+    assert all(not v.any() for v in torch.load(tmp_path / "models" / "model.pt", weights_only=True).values())

@@ -15,8 +15,11 @@ from monai.data import pad_list_data_collate
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler, StatsHandler, TensorBoardStatsHandler
 from torch import nn
 
+from .io import atomic_output
+
 __all__ = [
     "BestMetricState",
+    "FinalModelFallback",
     "EpochSeeded",
     "attach_resume",
     "latest_checkpoint",
@@ -78,7 +81,43 @@ def pad_slices_collate(batch: list, background: float = 0.0) -> dict:
     return pad_list_data_collate(slices, value=background)
 
 
-REPORTING_HANDLERS = (CheckpointSaver, StatsHandler, TensorBoardStatsHandler, MLFlowHandler, ProgressBar)
+class FinalModelFallback:
+    """Leave a ``model.pt`` after every training run: when no validation has saved a best model (e.g. a run shorter
+    than ``val_interval``), the final weights are saved as ``<ckpt_dir>/<filename>``, with a log line saying so.
+
+    Args:
+        network: the trained network (its ``state_dict`` is saved, on the CPU).
+        ckpt_dir: where the validation's ``CheckpointSaver`` writes the best model.
+        filename: that model's file name.
+    """
+
+    def __init__(self, network: nn.Module, ckpt_dir: str | os.PathLike, filename: str = "model.pt") -> None:
+        self.network = network
+        self.path = Path(ckpt_dir) / filename
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if self.path.is_file():
+            logger.info("%s holds the best validated weights", self.path)
+            return
+        network = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
+        state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(self.path) as tmp:
+            torch.save(state, tmp)
+        logger.info("no validation ran (val_interval > epochs): %s holds the final weights", self.path)
+
+
+REPORTING_HANDLERS = (
+    CheckpointSaver,
+    FinalModelFallback,
+    StatsHandler,
+    TensorBoardStatsHandler,
+    MLFlowHandler,
+    ProgressBar,
+)
 
 
 def rank_handlers(handlers: list, rank: int) -> list:
