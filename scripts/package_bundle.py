@@ -2,8 +2,8 @@
 
     python scripts/package_bundle.py cddpm_bundle --out dist/ [--with-weights]
 
-In the repository each bundle reaches the shared code through the symlink ``<bundle>/scripts/uad``; the archive
-stores the linked files themselves, so the unzipped bundle runs on its own. Weights (``models/*.pt``) are left out
+Each bundle carries its copy of the shared code in ``<bundle>/scripts/uad`` (``scripts/sync_shared.py``), so the
+unzipped bundle runs on its own. Weights (``models/*.pt``) are left out
 unless ``--with-weights``; caches and TensorBoard/evaluation outputs are always left out. The archive is checked
 before it is kept: every config in it must parse and instantiate its network from the unzipped copy alone.
 """
@@ -23,7 +23,7 @@ SKIP_DIRS = {"__pycache__", ".pytest_cache", "eval", "runs"}
 
 
 def bundle_files(bundle: Path, with_weights: bool = False) -> list[tuple[Path, str]]:
-    """(file on disk, name in the archive) for every file to ship, following symlinks."""
+    """(file on disk, name in the archive) for every file to ship (symlinks followed)."""
     files = []
     for root, dirs, names in os.walk(bundle, followlinks=True):
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)

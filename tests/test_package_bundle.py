@@ -1,10 +1,17 @@
-"""A packaged bundle carries the shared code and works when unzipped alone."""
+"""A bundle folder stands alone: copied anywhere, or packaged and unzipped, it carries the shared code and runs."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 import zipfile
 
+import nibabel as nib
 import pytest
+import sync_shared
 from conftest import REPO
 from package_bundle import package
 
@@ -22,3 +29,23 @@ def test_package_dereferences_shared_code_and_leaves_weights_out(tmp_path):
 def test_package_refuses_a_folder_that_is_not_a_bundle(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a bundle"):
         package(tmp_path, tmp_path / "out")
+
+
+def test_every_bundle_carries_an_exact_copy_of_the_shared_code():
+    assert sync_shared.drift() == [], "run python scripts/sync_shared.py"
+
+
+@pytest.mark.parametrize("bundle", ["cddpm_bundle", "autoddpm_bundle"])
+def test_bundle_folder_copied_elsewhere_runs_inference(bundle, demo_cohort, tmp_path):
+    """``cp -r <bundle> /elsewhere`` (symlinks kept as links), then the inference command from the copy alone."""
+    copy = tmp_path / "elsewhere" / bundle
+    shutil.copytree(REPO / bundle, copy, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    image = next((demo_cohort / "Test" / "Tumour" / "t2").glob("*.nii.gz"))
+    configs = json.dumps(["configs/inference.json", "configs/demo.json"])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
+    cmd += ["--ckpt_path", "models/demo_model.pt", "--input_file", str(image), "--output_dir", str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = nib.load(tmp_path / "out" / image.name.replace(".nii.gz", "_anomaly_map.nii.gz"))
+    assert written.shape == nib.load(image).shape

@@ -1,0 +1,373 @@
+"""Data layer shared by both bundles: seed-layout split CSVs, MONAI datalists, plain folders, and their validation.
+
+A data set entry is a dict ``{"image": path, "mask": path (optional), "seg": path (optional)}``: ``mask`` is the brain
+mask, ``seg`` the lesion ground truth. Three sources give such entries:
+
+- the cDDPM seed layout ``<root>/Train/ixi/{t1,t2,mask}``, ``<root>/Test/<Set>/{t1|t2,mask,seg}`` with split CSVs
+  ``<root>/splits/<Set>_{train_foldK,val,test}.csv`` (columns ``img_name, age, label, img_path, mask_path, seg_path``,
+  paths relative to the root);
+- a MONAI (Decathlon-style) datalist JSON with sections ``training``, ``validation``, ``test``, paths absolute or
+  relative to the JSON file;
+- a plain folder of images (NIfTI or PNG), without masks.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "CONTRASTS",
+    "IMAGE_SUFFIXES",
+    "MNI152_FILES",
+    "SPLIT_COLUMNS",
+    "case_name",
+    "dataset_entries",
+    "evaluation_entries",
+    "evaluation_sets",
+    "image_geometry",
+    "inference_entries",
+    "list_image_folder",
+    "load_datalist",
+    "load_split_csv",
+    "mni152_path",
+    "seed_layout_to_datalist",
+    "split_csv_path",
+    "validate_entries",
+    "write_datalist",
+]
+
+CONTRASTS = ("t1", "t2")
+SPLIT_COLUMNS = ("img_name", "age", "label", "img_path", "mask_path", "seg_path")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png")
+ENTRY_KEYS = ("image", "mask", "seg")
+MNI152_FILES = {  # the MNI152 2009a symmetric templates (1 mm) shipped inside the nilearn wheel
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",  # skull-stripped T1
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """File name without directory and image extension (``sub1_t2.nii.gz`` -> ``sub1_t2``)."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def mni152_path(kind: str = "t1") -> str:
+    """Path of an MNI152 template file (``MNI152_FILES``) in the installed nilearn package; nothing is downloaded.
+
+    Found without importing nilearn (its import takes seconds).
+    """
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("nilearn is not installed: it ships the MNI152 templates (see requirements.txt)")
+    return os.path.join(spec.submodule_search_locations[0], "datasets", "data", MNI152_FILES[kind])
+
+
+def _swap_contrast(path: Path, contrast: str) -> Path:
+    """Path of the same case in another contrast: sibling ``<contrast>`` folder, contrast token in the name swapped.
+
+    The seed layout stores each contrast in its own folder (``.../t2/IXI002_t2.nii.gz``); the folder decides, and a
+    trailing ``_t1``/``_t2`` token in the file name follows it when present.
+    """
+    folder = path.parent
+    if folder.name.lower() not in CONTRASTS:
+        raise ValueError(f"{path}: cannot choose contrast {contrast!r}: the image is not in a t1/t2 folder")
+    name = path.name
+    stem = case_name(name)
+    for other in CONTRASTS:
+        if stem.lower().endswith(f"_{other}"):
+            name = stem[: -len(other)] + contrast + name[len(stem) :]
+            break
+    return folder.parent / contrast / name
+
+
+def split_csv_path(data_dir: str | os.PathLike, set_name: str, split: str) -> Path:
+    """``<data_dir>/splits/<set_name>_<split>.csv``; ``split`` such as ``train_fold0``, ``val``, ``test``."""
+    return Path(data_dir) / "splits" / f"{set_name}_{split}.csv"
+
+
+def _resolve(base: Path, value: str) -> str:
+    """A path from a CSV or datalist: absolute, or relative to ``base`` (a leading '/' in seed CSVs is relative)."""
+    path = Path(value)
+    if path.is_absolute() and not path.exists() and (base / value.lstrip("/")).exists():
+        path = base / value.lstrip("/")
+    elif not path.is_absolute():
+        path = base / path
+    return os.path.normpath(path)
+
+
+def load_split_csv(csv_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, contrast: str | None = None):
+    """Entries of a seed-layout split CSV.
+
+    Args:
+        csv_path: the split CSV (columns ``img_name, age, label, img_path, mask_path, seg_path``).
+        data_dir: root the CSV paths are relative to (default: the parent of the ``splits`` folder).
+        contrast: ``"t1"`` or ``"t2"`` to read that contrast of each case; ``None`` keeps ``img_path`` as it is.
+
+    Returns:
+        list of entries with ``image``, ``mask`` and, for rows with a segmentation, ``seg`` (absolute paths), plus
+        ``name``, ``label`` and ``age``.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"split CSV not found: {csv_path}")
+    if contrast is not None and contrast not in CONTRASTS:
+        raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
+    root = Path(data_dir) if data_dir is not None else csv_path.parent.parent
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("img_path", "mask_path") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path}: missing column(s) {missing}; expected {list(SPLIT_COLUMNS)}")
+        rows = list(reader)
+    entries = []
+    for i, row in enumerate(rows, start=2):
+        if not row["img_path"]:
+            raise ValueError(f"{csv_path}, line {i}: empty img_path")
+        image = Path(_resolve(root, row["img_path"]))
+        if contrast is not None and image.parent.name.lower() != contrast:
+            image = _swap_contrast(image, contrast)
+        entry = {"image": str(image), "name": row.get("img_name") or case_name(image)}
+        if row.get("mask_path"):
+            entry["mask"] = _resolve(root, row["mask_path"])
+        if row.get("seg_path") and row["seg_path"].lower() not in ("nan", "none"):
+            entry["seg"] = _resolve(root, row["seg_path"])
+        for key in ("label", "age"):
+            if row.get(key) not in (None, ""):
+                entry[key] = float(row[key])
+        entries.append(entry)
+    return entries
+
+
+def load_datalist(path: str | os.PathLike, key: str = "training") -> list[dict]:
+    """Entries of one section of a MONAI datalist JSON, with paths made absolute (relative ones to the JSON file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist not found: {path}")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if key not in content:
+        raise KeyError(f"{path}: no section {key!r}; sections present: {sorted(content)}")
+    entries = []
+    for i, item in enumerate(content[key]):
+        item = {"image": item} if isinstance(item, str) else dict(item)
+        if "image" not in item:
+            raise ValueError(f"{path}: entry {i} of {key!r} has no 'image'")
+        for k in ENTRY_KEYS:
+            if item.get(k):
+                item[k] = _resolve(path.parent, item[k])
+            else:
+                item.pop(k, None)
+        item.setdefault("name", case_name(item["image"]))
+        entries.append(item)
+    return entries
+
+
+def write_datalist(path: str | os.PathLike, sections: dict[str, list[dict]], relative: bool = True) -> Path:
+    """Write a datalist JSON atomically; with ``relative`` the paths are stored relative to its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for section, entries in sections.items():
+        out[section] = []
+        for entry in entries:
+            item = {}
+            for k in ENTRY_KEYS:
+                if entry.get(k):
+                    p = os.path.abspath(entry[k])
+                    item[k] = os.path.relpath(p, path.parent.resolve()) if relative else p
+            out[section].append(item)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(out, indent=4) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def seed_layout_to_datalist(
+    data_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    contrast: str,
+    train_csvs: Sequence[str] = ("IXI_train_fold0",),
+    val_csvs: Sequence[str] = ("IXI_val_fold0",),
+    test_csvs: Sequence[str] = ("IXI_test",),
+) -> Path:
+    """Convert seed-layout split CSVs (names without ``.csv`` under ``splits/``) into a datalist JSON."""
+
+    def read(names: Sequence[str]) -> list[dict]:
+        return [e for n in names for e in load_split_csv(Path(data_dir) / "splits" / f"{n}.csv", data_dir, contrast)]
+
+    sections = {"training": read(train_csvs), "validation": read(val_csvs), "test": read(test_csvs)}
+    for entries in sections.values():
+        validate_entries(entries)
+    return write_datalist(out_path, sections)
+
+
+def list_image_folder(folder: str | os.PathLike) -> list[dict]:
+    """Entries for every image (NIfTI or PNG) directly inside ``folder``, sorted by name, without masks."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"no NIfTI or PNG images in {folder}")
+    return [{"image": str(p), "name": case_name(p)} for p in files]
+
+
+def dataset_entries(
+    dataset_dir: str | os.PathLike | None = None,
+    datalist: str | os.PathLike | None = None,
+    key: str = "training",
+    contrast: str | None = "t2",
+    set_name: str = "IXI",
+    split: str = "train_fold0",
+    validate: bool = True,
+    healthy_only: bool = False,
+) -> list[dict]:
+    """The entries a bundle runs on, from whichever source the user configured.
+
+    Args:
+        dataset_dir: a seed-layout root (has ``splits/``) or a plain folder of images.
+        datalist: a datalist JSON; when given it overrides the split CSVs and ``key`` selects its section.
+        key: datalist section (``training``, ``validation``, ``test``).
+        contrast: contrast to read from the seed layout (``t1``/``t2``).
+        set_name, split: the split CSV ``splits/<set_name>_<split>.csv`` to read from the seed layout.
+        validate: check files and geometries (see :func:`validate_entries`).
+        healthy_only: keep only entries without a lesion segmentation (e.g. for validation losses on healthy data).
+    """
+    if datalist:
+        entries = load_datalist(datalist, key)
+    elif dataset_dir is None:
+        raise ValueError("set dataset_dir (seed layout or image folder) or datalist")
+    elif not Path(dataset_dir).is_dir():
+        raise FileNotFoundError(f"dataset_dir not found: {dataset_dir}")
+    elif (Path(dataset_dir) / "splits").is_dir():
+        entries = load_split_csv(split_csv_path(dataset_dir, set_name, split), dataset_dir, contrast)
+    else:
+        entries = list_image_folder(dataset_dir)
+    if healthy_only:
+        entries = [e for e in entries if not e.get("seg")]
+    if not entries:
+        raise ValueError(f"no entries found (dataset_dir={dataset_dir}, datalist={datalist}, key={key})")
+    if validate:
+        validate_entries(entries)
+    return entries
+
+
+def evaluation_entries(
+    dataset_dir: str | os.PathLike | None,
+    datalist: str | os.PathLike | None,
+    contrast: str | None = "t2",
+    test_set: str = "Brats21",
+    healthy_set: str = "IXI",
+    healthy_split: str = "val_fold0",
+) -> tuple[list[dict], list[dict]]:
+    """Validation and test entries of a labelled data set.
+
+    From a datalist: its ``validation`` (labelled and healthy cases together; healthy ones have no ``seg``) and
+    ``test`` sections. From the seed layout: ``<test_set>_val.csv`` plus the healthy ``<healthy_set>_<healthy_split>``
+    CSV as validation, ``<test_set>_test.csv`` as test.
+    """
+    if datalist:
+        return dataset_entries(None, datalist, "validation"), dataset_entries(None, datalist, "test")
+    val = dataset_entries(dataset_dir, None, contrast=contrast, set_name=test_set, split="val")
+    val += dataset_entries(dataset_dir, None, contrast=contrast, set_name=healthy_set, split=healthy_split)
+    return val, dataset_entries(dataset_dir, None, contrast=contrast, set_name=test_set, split="test")
+
+
+def evaluation_sets(
+    dataset_dir: str | os.PathLike | None,
+    datalist: str | os.PathLike | None,
+    contrast: str | None = "t2",
+    test_sets: str | Sequence[str] = "Brats21",
+    healthy_set: str = "IXI",
+    healthy_split: str = "val_fold0",
+) -> dict[str, tuple[list[dict], list[dict]]]:
+    """:func:`evaluation_entries` of each test set, ``{name: (val, test)}``; a datalist is one set, named after it."""
+    if datalist:
+        return {Path(datalist).stem: evaluation_entries(None, datalist)}
+    names = [test_sets] if isinstance(test_sets, str) else list(test_sets)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"test_sets must name distinct test sets, got {names}")
+    return {s: evaluation_entries(dataset_dir, None, contrast, s, healthy_set, healthy_split) for s in names}
+
+
+def inference_entries(
+    input_file: str | os.PathLike | None,
+    input_mask: str | os.PathLike | None,
+    dataset_dir: str | os.PathLike | None,
+    datalist: str | os.PathLike | None,
+    key: str = "test",
+    contrast: str | None = "t2",
+    set_name: str = "IXI",
+    split: str = "test",
+) -> list[dict]:
+    """Entries to run inference on: one file (``input_file``, optional ``input_mask``) if given, else the data set."""
+    if input_file:
+        entry = {"image": str(input_file), "name": case_name(input_file)}
+        if input_mask:
+            entry["mask"] = str(input_mask)
+        validate_entries([entry])
+        return [entry]
+    return dataset_entries(dataset_dir, datalist, key, contrast, set_name, split)
+
+
+def image_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray | None]:
+    """Spatial shape and affine of an image file, reading only its header (PNG: shape, no affine).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not a readable NIfTI or PNG image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    name = path.name.lower()
+    try:
+        if name.endswith(".png"):
+            with Image.open(path) as im:
+                return (im.height, im.width), None
+        if name.endswith((".nii", ".nii.gz")):
+            img = nib.load(path)
+            return tuple(int(s) for s in img.shape), img.affine
+    except (OSError, UnidentifiedImageError, nib.filebasedimages.ImageFileError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from e
+    raise ValueError(f"{path}: unsupported image format (expected one of {IMAGE_SUFFIXES})")
+
+
+def validate_entries(entries: Sequence[dict], atol: float = 1e-3) -> None:
+    """Check that every listed file exists, is a 2D/3D image, and that image, mask and seg share one geometry.
+
+    Raises:
+        FileNotFoundError or ValueError naming the offending file and the problem.
+    """
+    for entry in entries:
+        shape, affine = image_geometry(entry["image"])
+        spatial = shape[:3] if len(shape) == 4 and shape[3] == 1 else shape
+        if len(spatial) not in (2, 3):
+            raise ValueError(f"{entry['image']}: expected a 2D or 3D image, got shape {shape}")
+        for key in ("mask", "seg"):
+            if not entry.get(key):
+                continue
+            other_shape, other_affine = image_geometry(entry[key])
+            if other_shape != shape:
+                raise ValueError(
+                    f"{entry[key]}: {key} shape {other_shape} does not match image {entry['image']} {shape}"
+                )
+            if affine is not None and other_affine is not None and not np.allclose(affine, other_affine, atol=atol):
+                raise ValueError(
+                    f"{entry[key]}: {key} geometry (affine) does not match image {entry['image']}:\n"
+                    f"{np.round(other_affine, 3)}\nvs\n{np.round(affine, 3)}"
+                )

@@ -1,0 +1,244 @@
+"""Training helpers of both bundles: resuming from the latest checkpoint, strict loading of pretrained weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
+from monai.data import pad_list_data_collate
+from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler, StatsHandler, TensorBoardStatsHandler
+from torch import nn
+
+from .io import atomic_output
+
+__all__ = [
+    "BestMetricState",
+    "FinalModelFallback",
+    "EpochSeeded",
+    "attach_resume",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_pretrained_encoder",
+    "load_weights",
+    "pad_slices_collate",
+    "rank_handlers",
+    "timestep_bounds",
+]
+
+logger = logging.getLogger(__name__)
+
+_EPOCH = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+
+
+class EpochSeeded:
+    """Mixin for seeded batch preparation: a generator reset to ``seed`` at every epoch start.
+
+    List the object among an engine's handlers (``attach`` registers the reset) and draw from
+    ``seeded_generator(device)``: every epoch then sees the same random draws, so validation losses are comparable
+    across epochs. With ``seed`` None the generator is None (the global RNG, fresh draws).
+    """
+
+    seed: int | None = None
+    generator: torch.Generator | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.reset())
+
+    def reset(self) -> None:
+        self.generator = None
+
+    def seeded_generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generator
+
+
+def timestep_bounds(timestep_range: Sequence[int] | None, num_train_timesteps: int) -> tuple[int, int]:
+    """[low, high) of the timesteps a training batch draws: ``timestep_range`` checked against the schedule, or the
+    whole schedule when it is None."""
+    low, high = timestep_range if timestep_range is not None else (0, num_train_timesteps)
+    if not 0 <= low < high <= num_train_timesteps:
+        raise ValueError(f"timestep_range must lie in [0, {num_train_timesteps}], got {(low, high)}")
+    return int(low), int(high)
+
+
+def pad_slices_collate(batch: list, background: float = 0.0) -> dict:
+    """Collate slices of different sizes (e.g. cropped to the brain): pad each to the largest of the batch.
+
+    Items may be lists of slices (``num_samples`` of a random crop per volume); they are flattened first. Every key
+    is padded with ``background``, the value of the images outside the brain (0 in [0, 1], -1 in the model range
+    [-1, 1]); a mask padded with -1 still reads "not brain" (``mask > 0``).
+    """
+    slices = [s for item in batch for s in (item if isinstance(item, list) else [item])]
+    return pad_list_data_collate(slices, value=background)
+
+
+class FinalModelFallback:
+    """Leave a ``model.pt`` after every training run: when no validation has saved a best model (e.g. a run shorter
+    than ``val_interval``), the final weights are saved as ``<ckpt_dir>/<filename>``, with a log line saying so.
+
+    Args:
+        network: the trained network (its ``state_dict`` is saved, on the CPU).
+        ckpt_dir: where the validation's ``CheckpointSaver`` writes the best model.
+        filename: that model's file name.
+    """
+
+    def __init__(self, network: nn.Module, ckpt_dir: str | os.PathLike, filename: str = "model.pt") -> None:
+        self.network = network
+        self.path = Path(ckpt_dir) / filename
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if self.path.is_file():
+            logger.info("%s holds the best validated weights", self.path)
+            return
+        network = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
+        state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(self.path) as tmp:
+            torch.save(state, tmp)
+        logger.info("no validation ran (val_interval > epochs): %s holds the final weights", self.path)
+
+
+REPORTING_HANDLERS = (
+    CheckpointSaver,
+    FinalModelFallback,
+    StatsHandler,
+    TensorBoardStatsHandler,
+    MLFlowHandler,
+    ProgressBar,
+)
+
+
+def rank_handlers(handlers: list, rank: int) -> list:
+    """The engine handlers one distributed rank runs: all on rank 0; on the others all but those that save, log or
+    show progress (``REPORTING_HANDLERS``), so validation, learning-rate schedules and EMA keep every rank in step."""
+    return list(handlers) if rank == 0 else [h for h in handlers if not isinstance(h, REPORTING_HANDLERS)]
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
+    """The resumable checkpoint (``*checkpoint_epoch=N.pt``) with the highest epoch in ``ckpt_dir``, or None."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _EPOCH.search(p.name))]
+    return str(max(found)[1]) if found else None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt or incomplete file?): {e}") from e
+
+
+def load_weights(network: nn.Module, path: str | os.PathLike, key: str = "network") -> nn.Module:
+    """Load trained weights into ``network`` (strict), from a bare ``state_dict`` or a training checkpoint."""
+    state = load_checkpoint(path)
+    if isinstance(state.get(key), dict):
+        state = state[key]
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{path}: weights do not match the configured network (check the config overrides): {e}"
+        ) from e
+    return network
+
+
+def load_pretrained_encoder(network: nn.Module, path: str | os.PathLike | None, key: str = "encoder") -> nn.Module:
+    """Initialise ``network.<key>`` from a pretrained encoder checkpoint; strict: any key or shape mismatch fails.
+
+    The file holds the encoder's ``state_dict`` either directly or under ``"encoder"``. An empty ``path`` leaves the
+    network as it is.
+    """
+    if not path:
+        return network
+    module = getattr(network, key, None)
+    if module is None:
+        raise ValueError(f"{path}: the network has no {key!r} to load a pretrained encoder into")
+    state = load_checkpoint(path)
+    state = state.get(key, state) if isinstance(state, dict) else state
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        details = [
+            f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "",
+            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}" if unexpected else "",
+            ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:5]),
+        ]
+        raise ValueError(
+            f"{path}: pretrained encoder does not match the configured encoder: " + "; ".join(filter(None, details))
+        )
+    module.load_state_dict(state, strict=True)
+    logger.info("initialised the %s from the pretrained weights in %s", key, path)
+    return network
+
+
+class BestMetricState:
+    """The best validation so far, as resumable state: the evaluator's best key metric and epoch, and what its
+    key-metric ``CheckpointSaver`` has saved. Put it in ``attach_resume``'s state so that a resumed run replaces the
+    best model (e.g. ``model.pt``) only when it improves on the one saved before the interruption.
+
+    Args:
+        evaluator: the validation workflow (``SupervisedEvaluator``) with a key metric.
+        saver: the ``CheckpointSaver`` attached to it with ``save_key_metric=True``.
+    """
+
+    def __init__(self, evaluator: Engine, saver: CheckpointSaver) -> None:
+        if getattr(saver, "_key_metric_checkpoint", None) is None:
+            raise ValueError("BestMetricState needs a CheckpointSaver with save_key_metric=True")
+        self.evaluator = evaluator
+        self.checkpoint = saver._key_metric_checkpoint  # the ignite Checkpoint that keeps the best model
+
+    def state_dict(self) -> dict:
+        state = self.evaluator.state
+        return {
+            "best_metric": float(state.best_metric),
+            "best_metric_epoch": int(state.best_metric_epoch),
+            "key_metric_checkpoint": dict(self.checkpoint.state_dict()),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+        self.checkpoint.load_state_dict(state["key_metric_checkpoint"])
+
+
+def attach_resume(trainer: Engine, ckpt_dir: str | os.PathLike, state: dict, map_location=None) -> str | None:
+    """Make training resumable: save ``state`` every epoch and, if a checkpoint exists, continue from it.
+
+    Args:
+        trainer: the Ignite trainer.
+        ckpt_dir: folder of the resumable checkpoints (``checkpoint_checkpoint_epoch=N.pt``, the latest one kept).
+        state: objects to save and restore, e.g. ``{"network": ..., "optimizer": ..., "trainer": trainer}``.
+        map_location: device to load the checkpoint onto.
+
+    Returns:
+        the checkpoint training resumes from, or None for a fresh start.
+    """
+    CheckpointSaver(
+        save_dir=str(ckpt_dir), save_dict=state, file_prefix="checkpoint", save_interval=1, n_saved=1, epoch_level=True
+    ).attach(trainer)
+    path = latest_checkpoint(ckpt_dir)
+    if path is not None:
+        load_checkpoint(path)  # fail early, naming the file, on a corrupt checkpoint
+        CheckpointLoader(load_path=path, load_dict=state, map_location=map_location).attach(trainer)
+        logger.info("resuming training from %s", path)
+    return path

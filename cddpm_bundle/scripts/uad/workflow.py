@@ -1,0 +1,167 @@
+"""The evaluation run of both bundles: infer on validation and test volumes, calibrate, measure, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset
+from torch import nn
+from tqdm import tqdm
+
+from .data import case_name
+from .evaluation import evaluate_cases
+from .io import atomic_output
+
+__all__ = ["collect_cases", "evaluate", "evaluate_sets", "format_metrics", "set_outputs"]
+
+logger = logging.getLogger(__name__)
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return np.asarray(torch.as_tensor(x).detach().float().cpu())[0, 0]
+
+
+@torch.inference_mode()
+def collect_cases(
+    entries: Sequence[dict],
+    preprocessing: Callable,
+    inferer: Callable,
+    network: nn.Module,
+    device: str | torch.device,
+    desc: str = "inference",
+    num_workers: int = 0,
+    healthy_memo: dict[tuple, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``inferer(image, network, mask=mask, return_reconstruction=True)`` on every entry, on the model grid.
+
+    ``healthy_memo`` (shared by calls with the same network and inferer) keeps the cases of entries without ``seg``:
+    an entry found there is not inferred again (e.g. the healthy validation volumes of several test sets).
+
+    Returns:
+        cases ``{"name", "image", "reconstruction", "anomaly_map", "mask", "seg"}`` as (H, W, D) numpy arrays
+        (``seg`` None for entries without one), ready for :func:`evaluate_cases`.
+    """
+    memo = {} if healthy_memo is None else healthy_memo
+    todo = [e for e in entries if _memo_key(e) not in memo]
+    network.eval()
+    loader = DataLoader(Dataset(todo, preprocessing), batch_size=1, shuffle=False, num_workers=num_workers)
+    inferred = {}
+    for entry, batch in zip(todo, tqdm(loader, desc=desc, unit="volume"), strict=True):
+        image, mask = batch["image"].to(device), batch["mask"].to(device)
+        anomaly_map, recon = inferer(image, network, mask=mask, return_reconstruction=True)
+        inferred[id(entry)] = case = {
+            "name": entry.get("name", case_name(entry["image"])),
+            "image": _numpy(image),
+            "reconstruction": _numpy(recon),
+            "anomaly_map": _numpy(anomaly_map),
+            "mask": _numpy(mask) > 0,
+            "seg": _numpy(batch["seg"]) > 0 if "seg" in batch else None,
+        }
+        if "seg" not in entry:
+            memo[_memo_key(entry)] = case
+    return [inferred[id(e)] if id(e) in inferred else memo[_memo_key(e)] for e in entries]
+
+
+def _memo_key(entry: dict) -> tuple:
+    return entry["image"], entry.get("mask"), entry.get("seg"), entry.get("name")
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A plain-text table of the summary metrics (mean ± std over test volumes) and the thresholds."""
+    lines = [f"{'metric':<28} {'mean':>8} {'std':>8} {'n':>4}"]
+    for name, stats in metrics["summary"].items():
+        lines.append(f"{name:<28} {stats['mean']:>8.4f} {stats['std']:>8.4f} {stats['n']:>4}")
+    for name, value in metrics.get("pooled_test", {}).items():
+        lines.append(f"{'pooled_' + name:<28} {value:>8.4f}")
+    lines.append(f"{'slice_auroc':<28} {metrics.get('slice_auroc', float('nan')):>8.4f}")
+    for name, stats in metrics.get("reconstruction_healthy_val", {}).items():
+        lines.append(f"{'healthy_val_' + name:<28} {stats['mean']:>8.4f} {stats['std']:>8.4f} {stats['n']:>4}")
+    for name, value in metrics["thresholds"].items():
+        lines.append(f"threshold {name:<18} {value:>8.5f}")
+    return "\n".join(lines)
+
+
+def evaluate(
+    network: nn.Module,
+    inferer: Callable,
+    preprocessing: Callable,
+    val_entries: Sequence[dict],
+    test_entries: Sequence[dict],
+    output_dir: str | os.PathLike,
+    threshold_file: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    fprs: Sequence[float] = (0.01, 0.05, 0.10),
+    min_component_size: int = 7,
+    n_overlays: int = 4,
+    extra: dict[str, Any] | None = None,
+    healthy_memo: dict[tuple, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Infer on validation and test entries, calibrate thresholds on validation only, evaluate the test entries.
+
+    Writes the outputs of :func:`evaluate_cases` to ``output_dir`` (with ``extra``, e.g. the inferer's settings,
+    under ``"extra"`` in ``metrics.json``), copies the calibrated ``thresholds.json`` to ``threshold_file`` (where
+    inference looks for it) and prints the metrics table. ``healthy_memo``: see :func:`collect_cases`.
+    """
+    val_cases = collect_cases(
+        val_entries, preprocessing, inferer, network, device, desc="validation", healthy_memo=healthy_memo
+    )
+    test_cases = collect_cases(test_entries, preprocessing, inferer, network, device, desc="test")
+    metrics = evaluate_cases(val_cases, test_cases, output_dir, fprs, min_component_size, n_overlays, extra)
+    produced = Path(output_dir) / "thresholds.json"
+    if threshold_file and produced.is_file() and Path(threshold_file).resolve() != produced.resolve():
+        with atomic_output(threshold_file) as tmp:
+            shutil.copyfile(produced, tmp)
+        logger.info("calibrated threshold stored at %s", threshold_file)
+    print(format_metrics(metrics))
+    print(f"metrics, per-volume CSV, PR curve and overlays: {Path(output_dir).resolve()}")
+    return metrics
+
+
+def set_outputs(
+    output_dir: str | os.PathLike, threshold_file: str | os.PathLike | None, set_name: str, several: bool
+) -> tuple[Path, str | None]:
+    """Where :func:`evaluate_sets` writes a test set: ``output_dir`` and ``threshold_file`` themselves when it is the
+    only set; ``output_dir/<set_name>`` and ``thresholds_<set_name>.json`` beside ``threshold_file`` among several."""
+    if not several:
+        return Path(output_dir), str(threshold_file) if threshold_file else None
+    if not threshold_file:
+        return Path(output_dir) / set_name, None
+    path = Path(threshold_file)
+    return Path(output_dir) / set_name, str(path.with_name(f"{path.stem}_{set_name}{path.suffix}"))
+
+
+def evaluate_sets(
+    network: nn.Module,
+    inferer: Callable,
+    preprocessing: Callable,
+    sets: Mapping[str, tuple[Sequence[dict], Sequence[dict]]],
+    output_dir: str | os.PathLike,
+    threshold_file: str | os.PathLike | None = None,
+    **options: Any,
+) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate` for each test set ``{name: (val_entries, test_entries)}``, each calibrated on its own split.
+
+    Outputs go where :func:`set_outputs` says; several sets infer the healthy validation volumes they share once.
+    ``options``: the keyword arguments of :func:`evaluate` (``device``, ``fprs``, ``min_component_size``,
+    ``n_overlays``, ``extra``).
+
+    Returns:
+        the metrics of each set.
+    """
+    several = len(sets) > 1
+    memo: dict[tuple, dict[str, Any]] | None = {} if several else None
+    results = {}
+    for name, (val, test) in sets.items():
+        out, thresholds = set_outputs(output_dir, threshold_file, name, several)
+        logger.info("test set %s: outputs in %s", name, out)
+        results[name] = evaluate(
+            network, inferer, preprocessing, val, test, out, thresholds, **options, healthy_memo=memo
+        )
+    return results
