@@ -31,6 +31,7 @@ __all__ = [
     "SPLIT_COLUMNS",
     "case_name",
     "dataset_entries",
+    "dicom_series_geometry",
     "evaluation_entries",
     "evaluation_sets",
     "image_geometry",
@@ -324,14 +325,43 @@ def inference_entries(
     return dataset_entries(dataset_dir, datalist, key, contrast, set_name, split)
 
 
+def dicom_series_geometry(folder: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and RAS affine of the one DICOM series in ``folder``, as ``LoadImage`` (ITK) will read it.
+
+    Raises:
+        ValueError: the folder holds no DICOM series, or more than one (each is named by its series UID).
+    """
+    import itk
+    from monai.data import ITKReader
+
+    names = itk.GDCMSeriesFileNames.New()
+    names.SetDirectory(str(folder))
+    series = list(names.GetSeriesUIDs())
+    if not series:
+        raise ValueError(f"{folder}: a folder, but no DICOM series in it (expected the files of one DICOM series)")
+    if len(series) > 1:
+        raise ValueError(
+            f"{folder}: {len(series)} DICOM series in one folder ({', '.join(series)}); give a folder with one series"
+        )
+    reader = ITKReader()
+    try:
+        data, meta = reader.get_data(reader.read(str(folder)))
+    except RuntimeError as e:
+        raise ValueError(f"{folder}: not a readable DICOM series ({e})") from e
+    return tuple(int(n) for n in data.shape), np.asarray(meta["affine"])
+
+
 def image_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray | None]:
-    """Spatial shape and affine of an image file, reading only its header (PNG: shape, no affine).
+    """Spatial shape and affine of an image file, reading only its header (PNG: shape, no affine), or of the DICOM
+    series in a folder (see ``dicom_series_geometry``).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not a readable NIfTI or PNG image.
+        ValueError: the file is not a readable NIfTI or PNG image, or the folder not one DICOM series.
     """
     path = Path(path)
+    if path.is_dir():
+        return dicom_series_geometry(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     name = path.name.lower()
