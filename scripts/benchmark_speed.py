@@ -46,6 +46,7 @@ from benchmarking import (
 )
 from cpu_backends import backend_available, build_backend
 from ignite.engine import Engine
+from uad.backends import example_inputs
 from uad.precision import cpu_bf16_native
 
 VOLUME_SLICES = 50  # the paper's 96x96x50 grid
@@ -143,9 +144,7 @@ def inference_speed(
     network = bundle_network(parser, device, args.demo, root)
     start = time.perf_counter()
     if device.type == "cpu":
-        x = volume[..., 0].expand(2, 1, h, w).contiguous()
-        example = (x, torch.full((2,), 100, dtype=torch.long), x)[: 3 if root.name.startswith("cddpm") else 2]
-        network = build_backend(backend, network, example)
+        network = build_backend(backend, network, example_inputs(2, (h, w), condition=root.name.startswith("cddpm")))
     elif backend == "channels-last":
         network = network.to(memory_format=torch.channels_last)
     setup = time.perf_counter() - start

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from uad.backends import INPUT_NAMES, OnnxRuntimeNetwork, export_onnx
+from uad.backends import OnnxRuntimeNetwork, export_onnx, graph_feeds
 
 __all__ = ["BACKENDS", "backend_available", "build_backend"]
 
@@ -45,9 +45,8 @@ class _OpenVinoNetwork(nn.Module):
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor | None = None):
-        given = dict(zip(INPUT_NAMES, (x, timesteps, condition), strict=True))
-        out = self.compiled([np.ascontiguousarray(given[n].numpy()) for n in self.input_names])[0]
-        return torch.from_numpy(np.asarray(out))
+        out = self.compiled(graph_feeds(self.input_names, x, timesteps, condition))[0]
+        return torch.from_numpy(np.asarray(out)).to(x.device)
 
 
 def build_backend(name: str, network: nn.Module, example: tuple[torch.Tensor, ...]) -> nn.Module:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,17 +20,11 @@ import torch
 from monai.data import save_net_with_metadata
 from torch import nn
 
+from .backends import example_inputs, tracing
+
 __all__ = ["export_torchscript", "trace_network"]
 
 logger = logging.getLogger(__name__)
-
-
-def _inputs(batch: int, size: Sequence[int], condition: bool, seed: int) -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator().manual_seed(seed)
-    clean = torch.rand(batch, 1, *size, generator=generator)
-    x = torch.randn(batch, 1, *size, generator=generator).clamp(-1, 1)
-    t = torch.randint(0, 1000, (batch,), generator=generator)
-    return (x, t, clean) if condition else (x, t)
 
 
 def trace_network(
@@ -50,11 +43,9 @@ def trace_network(
         RuntimeError: the trace does not reproduce the eager network.
     """
     network = network.cpu().float().eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        # group_norm's batch-size check is traced as a constant; it depends on no dynamic dimension
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(network, _inputs(2, example_size, condition, seed=0), check_trace=False)
-        check = _inputs(3, example_size, condition, seed=1)
+    with tracing():
+        traced = torch.jit.trace(network, example_inputs(2, example_size, condition, seed=0), check_trace=False)
+        check = example_inputs(3, example_size, condition, seed=1)
         diff = float((traced(*check) - network(*check)).abs().max())
     if not diff <= atol:
         raise RuntimeError(f"the traced network differs from the eager one by {diff:.3g} (> {atol}) on new inputs")

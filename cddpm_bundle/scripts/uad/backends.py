@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CPU_BACKENDS", "OnnxRuntimeNetwork", "export_onnx", "inference_network"]
+__all__ = [
+    "CPU_BACKENDS",
+    "OnnxRuntimeNetwork",
+    "example_inputs",
+    "export_onnx",
+    "graph_feeds",
+    "inference_network",
+    "tracing",
+]
 
 CPU_BACKENDS = ("torch", "onnxruntime")
 INPUT_NAMES = ("x", "timesteps", "condition")
@@ -22,14 +31,39 @@ INPUT_NAMES = ("x", "timesteps", "condition")
 logger = logging.getLogger(__name__)
 
 
+def example_inputs(batch: int, size: Sequence[int], condition: bool, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random network inputs ``(x, timesteps[, condition])`` for tracing and export: (batch, 1, H, W) x_t in [-1, 1],
+    (batch,) timesteps in [0, 1000), and with ``condition`` (batch, 1, H, W) clean slices in [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.rand(batch, 1, *size, generator=generator)
+    x = torch.randn(batch, 1, *size, generator=generator).clamp(-1, 1)
+    t = torch.randint(0, 1000, (batch,), generator=generator)
+    return (x, t, clean) if condition else (x, t)
+
+
+@contextlib.contextmanager
+def tracing() -> Iterator[None]:
+    """No gradients, and no TracerWarning for group_norm's batch-size check, traced as a constant although it
+    depends on no dynamic dimension."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+def graph_feeds(
+    names: Sequence[str], x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor | None
+) -> dict[str, np.ndarray]:
+    """The inputs an exported graph declares (``names``; an unused condition is dropped at export), as arrays."""
+    given = dict(zip(INPUT_NAMES, (x, timesteps, condition), strict=True))
+    return {name: np.ascontiguousarray(given[name].detach().cpu().numpy()) for name in names}
+
+
 def export_onnx(network: nn.Module, example: Sequence[torch.Tensor], path: str | Path) -> None:
     """Export ``network(*example)`` (inputs named ``x, timesteps[, condition]``) to ONNX at ``path``, with the batch and
     spatial dimensions dynamic (volumes differ in brain slices; brain-box crops in height and width)."""
     names = list(INPUT_NAMES[: len(example)])
     dynamic = {name: {0: "batch", 2: "height", 3: "width"} for name in [*names, "out"] if name != "timesteps"}
-    with torch.no_grad(), warnings.catch_warnings():
-        # group_norm's batch-size check is traced as a constant; it depends on no dynamic dimension
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    with tracing():
         torch.onnx.export(
             network,
             tuple(example),
@@ -62,8 +96,7 @@ class OnnxRuntimeNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """(N, 1, H, W) x_t, (N,) timesteps, optional (N, 1, H, W) condition -> (N, 1, H, W) network output."""
-        given = dict(zip(INPUT_NAMES, (x, timesteps, condition), strict=True))
-        feeds = {name: np.ascontiguousarray(given[name].detach().cpu().numpy()) for name in self.input_names}
+        feeds = graph_feeds(self.input_names, x, timesteps, condition)
         return torch.from_numpy(self.session.run(None, feeds)[0]).to(x.device)
 
 
@@ -97,11 +130,9 @@ def inference_network(
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
         raise ImportError("cpu_backend 'onnxruntime' needs onnx and onnxruntime: pip install onnx onnxruntime")
     start = time.perf_counter()
-    x = torch.zeros(2, 1, *example_size)
-    example = (x, torch.zeros(2, dtype=torch.long), x)[: 3 if condition else 2]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "network.onnx"
-        export_onnx(network.to(memory_format=torch.contiguous_format), example, path)
+        export_onnx(network.to(memory_format=torch.contiguous_format), example_inputs(2, example_size, condition), path)
         runtime = OnnxRuntimeNetwork(path)
     logger.info("network exported to ONNX, running on ONNX Runtime (CPU, fp32; %.1f s)", time.perf_counter() - start)
     return runtime.eval()

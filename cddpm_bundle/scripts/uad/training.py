@@ -104,7 +104,6 @@ class FinalModelFallback:
             return
         network = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
         state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(self.path) as tmp:
             torch.save(state, tmp)
         logger.info("no validation ran (val_interval > epochs): %s holds the final weights", self.path)
