@@ -118,7 +118,7 @@ def bundle_network(parser, device: torch.device, demo: bool, root: Path) -> torc
     if demo:
         from scripts.uad.training import load_weights
 
-        return load_weights(network, root / "models" / "demo_model.pt").to(device).eval()
+        return load_weights(network, root / "models" / "model.pt").to(device).eval()
     with torch.no_grad():
         for param in network.parameters():
             if not param.any():
@@ -135,7 +135,8 @@ def inference_speed(
     volumes of a few slices."""
     backend, amp = VARIANTS[variant]
     batch = 1 if variant == "per-slice" else args.slices
-    parser = load_config(root, ["inference", *configs], {"amp": amp, "batch_size": batch, **overrides})
+    sizes = {} if args.demo else {"model_config": {}}  # the paper sizes, not those saved with the shipped weights
+    parser = load_config(root, ["inference", *configs], {"amp": amp, "batch_size": batch, **sizes, **overrides})
     inferer = parser.get_parsed_content("inferer")
     h, w = parser.get_parsed_content("image_size")[:2]
     generator = torch.Generator().manual_seed(0)

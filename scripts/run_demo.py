@@ -1,6 +1,6 @@
 """The main job on the built-in demo data: make a demo cohort, evaluate both bundles, print their metrics side by side.
 
-By default it evaluates the trained demo weights shipped in each bundle (``models/demo_model.pt``, trained on the demo
+By default it evaluates the trained demo weights shipped in each bundle (``models/model.pt``, trained on the demo
 cohort of seed 0, see the bundles' docs) on a freshly generated cohort of another seed (``--seed 1``), so nothing it is
 tested on was seen in training; thresholds are calibrated on that cohort's validation split only. ``--train`` trains
 the demo-sized bundles from scratch first (CPU: about 10 min for cDDPM, 20 min for AutoDDPM at 100 epochs).
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = {"epochs": args.epochs} if args.epochs else {}
             bundle_run(bundle, configs("train"), **common, output_dir=str(work / "train"), **extra)
         else:
-            common["ckpt_path"] = str(REPO / bundle / "models" / "demo_model.pt")
+            common["ckpt_path"] = str(REPO / bundle / "models" / "model.pt")
         thresholds = work / "models" / f"thresholds_{args.contrast}.json"
         bundle_run(
             bundle,

@@ -102,18 +102,27 @@ def brain_slices(n: int = 3, size: int = 24) -> tuple[torch.Tensor, torch.Tensor
 def test_default_configs_are_paper_sized(bundle_imports):
     bundle_imports("autoddpm_bundle")
     p = parser("train.json")
-    net = p["network_def"]
-    assert net["_target_"] == "monai.networks.nets.DiffusionModelUNet" and net["channels"] == [128, 256, 256]
-    assert net["attention_levels"] == [False, True, True] and net["num_res_blocks"] == 1
+    p["model_config"] = {}  # the config's own sizes: the bundle's models/ holds the demo network, read first
+    net, value = p["network_def"], p.get_parsed_content
+    assert net["_target_"] == "monai.networks.nets.DiffusionModelUNet" and value("network_def#channels") == [
+        128,
+        256,
+        256,
+    ]
+    assert value("network_def#attention_levels") == [False, True, True] and value("network_def#num_res_blocks") == 1
     assert "with_conditioning" not in net  # unconditioned
     assert p["scheduler"]["schedule"] == "linear_beta" and p["scheduler"]["prediction_type"] == "epsilon"
-    assert (p["scheduler"]["beta_start"], p["scheduler"]["beta_end"], p["num_train_timesteps"]) == (1e-4, 0.02, 1000)
+    assert (p["scheduler"]["beta_start"], p["scheduler"]["beta_end"], value("num_train_timesteps")) == (
+        1e-4,
+        0.02,
+        1000,
+    )
     assert p["loss"]["_target_"] == "torch.nn.MSELoss" and p["batch_size"] == 16 and p["learning_rate"] == 1e-4
     assert p["train"]["prepare_batch"]["_target_"] == "scripts.diffusion.NoisePredictionPrepareBatch"
     assert p["timestep_range"] == [0, 1000]  # the whole schedule unless an overlay narrows it
     assert p["train"]["prepare_batch"]["timestep_range"] == p["validate"]["prepare_batch"]["timestep_range"]
     assert p["train"]["inferer"]["_target_"] == "monai.inferers.DiffusionInferer"
-    assert p["image_size"] == [96, 96, 50] and p["pixdim"] == [2.0, 2.0, 2.0]
+    assert value("image_size") == [96, 96, 50] and value("pixdim") == [2.0, 2.0, 2.0]
     # resumable like the cDDPM bundle (whose test suite runs an actual resume): same shared hook, same state
     assert "$scripts.uad.training.attach_resume(@train#trainer, @ckpt_dir, @resume_state, @device)" in p["initialize"]
     cddpm_train = json.loads((REPO / "cddpm_bundle" / "configs" / "train.json").read_text())

@@ -51,13 +51,21 @@ def tiny_unet(conditioned: bool = True) -> ConditionedDiffusionModel:
 # configs
 
 
+def paper_sized(*names: str) -> ConfigParser:
+    """The configs with their own sizes: the bundle's models/ holds the demo network, whose sizes they read first."""
+    p = parser(*names)
+    p["model_config"] = {}
+    return p
+
+
 def test_default_configs_are_paper_sized():
-    p = parser("train.json")
-    assert p["unet"]["channels"] == [128, 256, 256] and p["unet"]["num_res_blocks"] == 3
-    assert p["unet"]["attention_levels"] == [False, False, True] and p["unet"]["with_conditioning"]
-    assert p["encoder"]["layers"] == [3, 4, 6, 3] and p["encoder"]["block"] == "bottleneck"  # ResNet-50
-    assert p["latent_dim"] == 128 and p["image_size"] == [96, 96, 50] and p["pixdim"] == [2.0, 2.0, 2.0]
-    assert p["scheduler"]["schedule"] == "cosine" and p["num_train_timesteps"] == 1000
+    p = paper_sized("train.json")
+    value = p.get_parsed_content
+    assert value("unet#channels") == [128, 256, 256] and value("unet#num_res_blocks") == 3
+    assert value("unet#attention_levels") == [False, False, True] and p["unet"]["with_conditioning"]
+    assert value("encoder#layers") == [3, 4, 6, 3] and value("encoder#block") == "bottleneck"  # ResNet-50
+    assert value("latent_dim") == 128 and value("image_size") == [96, 96, 50] and value("pixdim") == [2.0, 2.0, 2.0]
+    assert p["scheduler"]["schedule"] == "cosine" and value("num_train_timesteps") == 1000
     assert p["scheduler"]["prediction_type"] == "sample" and p["loss"]["_target_"] == "torch.nn.L1Loss"
     assert p["noise"] == {"_target_": "scripts.simplex.SimplexNoise", "octaves": 6, "persistence": 0.8, "frequency": 64}
     assert p["batch_size"] == 32 and p["learning_rate"] == 1e-4
@@ -66,7 +74,7 @@ def test_default_configs_are_paper_sized():
 
 def test_paper_sized_network_instantiates_and_runs(bundle_imports):
     bundle_imports("cddpm_bundle")
-    net = parser("train.json").get_parsed_content("network_def")
+    net = paper_sized("train.json").get_parsed_content("network_def")
     assert 40e6 < sum(p.numel() for p in net.unet.parameters()) < 46e6  # UNet 128/256/256, 3 res blocks: 42.9M
     assert 23e6 < sum(p.numel() for p in net.encoder.parameters()) < 25e6  # ResNet-50 trunk, 128-d head: 23.8M
     x = torch.rand(2, 1, 32, 32)

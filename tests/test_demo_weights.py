@@ -14,7 +14,7 @@ def test_shipped_demo_weights_load_strictly_and_infer(bundle, bundle_imports, mo
     monkeypatch.chdir(REPO / bundle)
     parser = ConfigParser()
     parser.read_config(["configs/inference.json", "configs/demo.json"])
-    parser.update({"ckpt_path": "models/demo_model.pt", "device": "$torch.device('cpu')"})
+    parser.update({"ckpt_path": "models/model.pt", "device": "$torch.device('cpu')"})
     network = parser.get_parsed_content("network")  # strict load_weights: any key or shape mismatch fails
     assert not network.training
     inferer = parser.get_parsed_content("inferer")
@@ -30,12 +30,12 @@ def test_shipped_demo_weights_are_a_plain_cpu_state_dict(bundle, bundle_imports,
     as ``monai.bundle ckpt_export`` uses it)."""
     from ignite.handlers import Checkpoint
 
-    state = torch.load(REPO / bundle / "models" / "demo_model.pt", weights_only=True)
+    state = torch.load(REPO / bundle / "models" / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in state.values())
     bundle_imports(bundle)
     monkeypatch.chdir(REPO / bundle)
     parser = ConfigParser()
     parser.read_config(["configs/inference.json", "configs/demo.json"])
     network = parser.get_parsed_content("network_def")
-    Checkpoint.load_objects({"model": network}, torch.load(REPO / bundle / "models" / "demo_model.pt"))
+    Checkpoint.load_objects({"model": network}, torch.load(REPO / bundle / "models" / "model.pt"))
     assert all(torch.equal(network.state_dict()[k], v) for k, v in state.items())

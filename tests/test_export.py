@@ -16,7 +16,7 @@ CONDITIONED = {"cddpm_bundle": True, "autoddpm_bundle": False}
 def test_export_writes_model_ts_that_reproduces_eager_outputs(bundle, bundle_imports, tmp_path):
     path = tmp_path / "models" / "model.ts"
     configs = ["configs/inference.json", "configs/demo.json", "configs/export.json"]
-    result = run_bundle(bundle, configs, {"ckpt_path": "models/demo_model.pt", "export_path": str(path)})
+    result = run_bundle(bundle, configs, {"ckpt_path": "models/model.pt", "export_path": str(path)})
     assert "traced network reproduces the eager one" in result.stdout + result.stderr
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.ts"]  # nothing half-written beside it
 
@@ -29,7 +29,7 @@ def test_export_writes_model_ts_that_reproduces_eager_outputs(bundle, bundle_imp
 
     bundle_imports(bundle)
     parser = bundle_parser(bundle, "inference.json", "demo.json")
-    parser.update({"ckpt_path": str(REPO / bundle / "models" / "demo_model.pt"), "device": "$torch.device('cpu')"})
+    parser.update({"ckpt_path": str(REPO / bundle / "models" / "model.pt"), "device": "$torch.device('cpu')"})
     parser.update({"cpu_backend": "torch", "amp": False})  # compare fp32 with fp32 (the trace is fp32)
     eager = parser.get_parsed_content("network")
     torch.manual_seed(3)

@@ -43,7 +43,7 @@ def test_bundle_folder_copied_elsewhere_runs_inference(bundle, demo_cohort, tmp_
     image = next((demo_cohort / "Test" / "Tumour" / "t2").glob("*.nii.gz"))
     configs = json.dumps(["configs/inference.json", "configs/demo.json"])
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
-    cmd += ["--ckpt_path", "models/demo_model.pt", "--input_file", str(image), "--output_dir", str(tmp_path / "out")]
+    cmd += ["--ckpt_path", "models/model.pt", "--input_file", str(image), "--output_dir", str(tmp_path / "out")]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONWARNINGS": "ignore"}
     result = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -60,7 +60,7 @@ def test_pretrained_encoder_loading_is_strict(tmp_path):
     assert load_pretrained_encoder(net, "") is net
     torch.save(Net(width=6).encoder.state_dict(), tmp_path / "other.pt")
     with pytest.raises(
-        ValueError, match=r"other.pt: pretrained encoder does not match.*file \(6, 3\) vs model \(4, 3\)"
+        ValueError, match=r"other.pt: pretrained encoder does not match.*file \(6, 3\) vs network \(4, 3\)"
     ):
         load_pretrained_encoder(Net(), tmp_path / "other.pt")
     torch.save({"something": torch.zeros(1)}, tmp_path / "keys.pt")
@@ -89,8 +89,12 @@ def test_rank_handlers_keep_what_keeps_ranks_in_step(tmp_path):
 
 def test_final_model_fallback_saves_final_weights_only_without_a_validated_model(tmp_path, caplog):
     net = Net()
-    engine = Engine(lambda e, b: None)
-    FinalModelFallback(net, tmp_path / "models").attach(engine)
+    engine, validator = Engine(lambda e, b: None), Engine(lambda e, b: None)
+    validator.state.best_metric_epoch = -1  # as MONAI's evaluators start
+    torch.save({k: torch.ones_like(v) for k, v in net.state_dict().items()}, tmp_path / "stale.pt")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "stale.pt").rename(tmp_path / "models" / "model.pt")  # e.g. the shipped weights: replaced
+    FinalModelFallback(net, validator, tmp_path / "models").attach(engine)
     with caplog.at_level("INFO", logger="uad.training"):
         engine.run([0], max_epochs=1)
     saved = torch.load(tmp_path / "models" / "model.pt", weights_only=True, map_location="cpu")
@@ -100,5 +104,6 @@ def test_final_model_fallback_saves_final_weights_only_without_a_validated_model
     assert "no validation ran" in caplog.text and not list((tmp_path / "models").glob(".*tmp*"))
     best = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}  # a validated model.pt is never replaced
     torch.save(best, tmp_path / "models" / "model.pt")
+    validator.state.best_metric_epoch = 1
     engine.run([0], max_epochs=2)
     assert all(not v.any() for v in torch.load(tmp_path / "models" / "model.pt", weights_only=True).values())

@@ -1,4 +1,4 @@
-"""Output helpers: atomic NIfTI writing and the calibrated threshold file."""
+"""Output helpers: atomic NIfTI writing, the calibrated threshold file and the model config saved with the weights."""
 
 from __future__ import annotations
 
@@ -11,9 +11,19 @@ from pathlib import Path
 
 from monai.data import NibabelWriter
 
-__all__ = ["AtomicNibabelWriter", "atomic_output", "atomic_path", "read_threshold"]
+__all__ = [
+    "MODEL_CONFIG_FILE",
+    "AtomicNibabelWriter",
+    "atomic_output",
+    "atomic_path",
+    "read_model_config",
+    "read_threshold",
+    "write_model_config",
+]
 
 logger = logging.getLogger(__name__)
+
+MODEL_CONFIG_FILE = "model_config.json"
 
 
 def atomic_path(path: str | os.PathLike) -> Path:
@@ -56,3 +66,59 @@ def read_threshold(path: str | os.PathLike | None) -> float | None:
         raise ValueError(f"{path}: not a threshold file with a numeric 'threshold' ({e})") from e
     logger.info("binarising anomaly maps at %.5f (%s, from %s)", threshold, content.get("method", "?"), path)
     return threshold
+
+
+def _flat_paths(values: dict, prefix: str = "") -> dict:
+    """``{"unet": {"channels": c}}`` -> ``{"unet.channels": c}``: nested config values keyed by their dotted paths."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat_paths(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def write_model_config(ckpt_dir: str | os.PathLike, values: dict) -> Path:
+    """Save the config values that define the trained network and its input grid as ``<ckpt_dir>/model_config.json``
+    (atomically), keyed by their paths in the config (``{"pixdim": [...], "unet.channels": [...]}``), so that
+    ``inference.json`` rebuilds the network the weights belong to; returns the path.
+
+    Args:
+        ckpt_dir: the folder the training writes its weights to.
+        values: the values, nested as in the config (``{"unet": {"channels": [...]}}``) or keyed by path.
+    """
+    path = Path(ckpt_dir) / MODEL_CONFIG_FILE
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(_flat_paths(values), indent=4) + "\n")
+    logger.info("network and input grid of the weights in %s written to %s", ckpt_dir, path)
+    return path
+
+
+def read_model_config(ckpt_path: str | os.PathLike, training: bool = False) -> dict:
+    """The config values the weights at ``ckpt_path`` were trained with: ``model_config.json`` in the checkpoint's
+    folder (written by training), or ``{}`` when there is none (the config's own values then apply).
+
+    A training run reads it too: a folder holds one model, so training into a folder with weights (e.g. the bundle's
+    ``models/`` with the shipped demo network, as MONAI Label fine-tunes it) keeps their sizes, with a warning; an
+    empty ``ckpt_dir`` trains the config's sizes.
+    """
+    path = Path(ckpt_path).parent / MODEL_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a JSON file of config values ({e})") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of config values, got {type(values).__name__}")
+    if training:
+        logger.warning(
+            "%s holds a model: training keeps its sizes from %s (%s); train into an empty ckpt_dir for the config's",
+            path.parent,
+            path,
+            ", ".join(f"{k}={v}" for k, v in values.items()),
+        )
+    else:
+        logger.info("network and input grid of %s from %s", ckpt_path, path)
+    return values

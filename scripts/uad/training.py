@@ -15,7 +15,7 @@ from monai.data import pad_list_data_collate
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler, StatsHandler, TensorBoardStatsHandler
 from torch import nn
 
-from .io import atomic_output
+from .io import MODEL_CONFIG_FILE, atomic_output
 
 __all__ = [
     "BestMetricState",
@@ -27,6 +27,7 @@ __all__ = [
     "load_pretrained_encoder",
     "load_weights",
     "pad_slices_collate",
+    "state_mismatch",
     "rank_handlers",
     "timestep_bounds",
 ]
@@ -82,25 +83,33 @@ def pad_slices_collate(batch: list, background: float = 0.0) -> dict:
 
 
 class FinalModelFallback:
-    """Leave a ``model.pt`` after every training run: when no validation has saved a best model (e.g. a run shorter
+    """Leave a ``model.pt`` after every training run: when no validation has picked a best model (e.g. a run shorter
     than ``val_interval``), the final weights are saved as ``<ckpt_dir>/<filename>``, with a log line saying so.
+
+    A ``model.pt`` already in the folder (e.g. the shipped weights, or an earlier run's) is replaced unless the
+    validator has a best epoch, restored with the rest when training resumes.
 
     Args:
         network: the trained network (its ``state_dict`` is saved, on the CPU).
-        ckpt_dir: where the validation's ``CheckpointSaver`` writes the best model.
+        evaluator: the validation workflow whose key-metric ``CheckpointSaver`` writes the best model.
+        ckpt_dir: where that saver writes it.
         filename: that model's file name.
     """
 
-    def __init__(self, network: nn.Module, ckpt_dir: str | os.PathLike, filename: str = "model.pt") -> None:
+    def __init__(
+        self, network: nn.Module, evaluator: Engine, ckpt_dir: str | os.PathLike, filename: str = "model.pt"
+    ) -> None:
         self.network = network
+        self.evaluator = evaluator
         self.path = Path(ckpt_dir) / filename
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if self.path.is_file():
-            logger.info("%s holds the best validated weights", self.path)
+        best_epoch = getattr(self.evaluator.state, "best_metric_epoch", -1)
+        if best_epoch > 0 and self.path.is_file():
+            logger.info("%s holds the best validated weights (epoch %d)", self.path, best_epoch)
             return
         network = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
         state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
@@ -145,17 +154,50 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt or incomplete file?): {e}") from e
 
 
+def state_mismatch(own: dict, state: dict) -> str:
+    """What differs between a network's ``state_dict`` (``own``) and a loaded one: missing, unexpected and
+    differently shaped keys (a few of each), and a guess at the network the file holds. Empty when they match."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+
+    def few(keys: list[str]) -> str:
+        return f"{keys[:3]}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+
+    details = [
+        f"missing keys {few(missing)}" if missing else "",
+        f"unexpected keys {few(unexpected)}" if unexpected else "",
+        ", ".join(f"{k}: file {tuple(state[k].shape)} vs network {tuple(own[k].shape)}" for k in mismatched[:3]),
+    ]
+    kinds = {True: "a cDDPM network (unet + encoder)", False: "a bare diffusion UNet (AutoDDPM)"}
+    file_cddpm, own_cddpm = (any(k.startswith(("unet.", "encoder.")) for k in keys) for keys in (state, own))
+    if not set(own) & set(state) and file_cddpm != own_cddpm:
+        details.insert(0, f"the file holds {kinds[file_cddpm]}, the config builds {kinds[own_cddpm]}")
+    elif (file_encoder := any(k.startswith("encoder.") for k in state)) != any(k.startswith("encoder.") for k in own):
+        with_encoder, without = ("the file's", "the config's") if file_encoder else ("the config's", "the file's")
+        details.insert(0, f"{with_encoder} network has a conditioning encoder, {without} has none")
+    elif mismatched:
+        details.insert(0, "the file holds a network of another size")
+    return "; ".join(filter(None, details))
+
+
 def load_weights(network: nn.Module, path: str | os.PathLike, key: str = "network") -> nn.Module:
-    """Load trained weights into ``network`` (strict), from a bare ``state_dict`` or a training checkpoint."""
+    """Load trained weights into ``network`` (strict), from a bare ``state_dict`` or a training checkpoint.
+
+    Raises:
+        ValueError: naming the file and what differs (another bundle's network, another size, other keys).
+    """
     state = load_checkpoint(path)
     if isinstance(state.get(key), dict):
         state = state[key]
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    problem = state_mismatch(network.state_dict(), state)
+    if problem:
         raise ValueError(
-            f"{path}: weights do not match the configured network (check the config overrides): {e}"
-        ) from e
+            f"{path}: weights do not match the configured network: {problem}. The network sizes come from "
+            f"{Path(path).parent / MODEL_CONFIG_FILE} when it exists (written by training beside the weights), else "
+            "from the config and its overlays: use the weights with the files they were trained with."
+        )
+    network.load_state_dict(state, strict=True)
     return network
 
 
@@ -172,19 +214,9 @@ def load_pretrained_encoder(network: nn.Module, path: str | os.PathLike | None, 
         raise ValueError(f"{path}: the network has no {key!r} to load a pretrained encoder into")
     state = load_checkpoint(path)
     state = state.get(key, state) if isinstance(state, dict) else state
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
-    if missing or unexpected or mismatched:
-        details = [
-            f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "",
-            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}" if unexpected else "",
-            ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:5]),
-        ]
-        raise ValueError(
-            f"{path}: pretrained encoder does not match the configured encoder: " + "; ".join(filter(None, details))
-        )
+    problem = state_mismatch(module.state_dict(), state)
+    if problem:
+        raise ValueError(f"{path}: pretrained encoder does not match the configured encoder: {problem}")
     module.load_state_dict(state, strict=True)
     logger.info("initialised the %s from the pretrained weights in %s", key, path)
     return network

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, RandomizableTransform
+from monai.transforms import LoadImaged, MapTransform, RandomizableTransform, Spacingd
 from scipy import ndimage
 
 from .evaluation import binarise
@@ -18,6 +18,9 @@ __all__ = [
     "BinariseAnomalyd",
     "CheckImaged",
     "DeriveBrainMaskd",
+    "LabelAsPredd",
+    "LoadMasksd",
+    "PathSafeSpacingd",
     "RandGhostingd",
     "ScaleIntensityInMaskd",
     "source_file",
@@ -51,7 +54,7 @@ def _as_volume(img: torch.Tensor) -> torch.Tensor:
 class CheckImaged(MapTransform):
     """Validate loaded channel-first images and make 2D slices one-slice volumes.
 
-    After ``LoadImaged(..., ensure_channel_first=True)``: every present key must be a single-channel 2D or 3D image
+    After loading and ``EnsureChannelFirstd``: every present key must be a single-channel 2D or 3D image
     without NaN/inf; ``mask`` and ``seg`` must share the image's shape and affine; the brain mask must not be empty.
     A 2D image (1, H, W) becomes a volume (1, H, W, 1), so 2D slice sets take the volume code path.
 
@@ -103,6 +106,45 @@ class CheckImaged(MapTransform):
                     )
         if self.mask_key in d and not (d[self.mask_key] > 0).any():
             raise ValueError(f"{source_file(d[self.mask_key])}: brain mask is empty")
+        return d
+
+
+class LoadMasksd(MapTransform):
+    """Load the optional masks of an entry (brain mask, segmentation) that it has; ``DeriveBrainMaskd`` derives a
+    missing brain mask.
+
+    A step of its own beside the image's ``LoadImaged``: MONAI Label requires every key of each ``LoadImaged`` in its
+    request, and sends only the image; MONAI Deploy drops ``LoadImage*`` steps and sends only the image too.
+
+    Args:
+        keys: the mask keys.
+        loader_args: more arguments of ``LoadImaged``.
+    """
+
+    def __init__(self, keys: KeysCollection = ("mask", "seg"), **loader_args) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.loader = LoadImaged(self.keys, image_only=True, allow_missing_keys=True, **loader_args)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        return self.loader(data)
+
+
+class PathSafeSpacingd(Spacingd):
+    """``Spacingd`` that leaves the non-dictionary ``<key>_*`` entries alone.
+
+    For a NIfTI image, MONAI's ``Spacingd`` calls ``.update`` on every entry named ``<key>_*``, expecting a meta
+    dictionary; MONAI Label passes ``image_path`` as a string (and reads it back to write its result), so the entry is
+    set aside while resampling and put back afterwards.
+    """
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        prefixes = tuple(f"{key}_" for key in self.keys)
+        aside = {
+            k: d.pop(k) for k in list(d) if isinstance(k, str) and k.startswith(prefixes) and not isinstance(d[k], dict)
+        }
+        d = super().__call__(d, lazy=lazy)
+        d.update(aside)
         return d
 
 
@@ -272,4 +314,25 @@ class BinariseAnomalyd(MapTransform):
             if isinstance(amap, MetaTensor):
                 out = MetaTensor(out, meta=dict(amap.meta), applied_operations=list(amap.applied_operations))
             d[self.out_key] = out
+        return d
+
+
+class LabelAsPredd(MapTransform):
+    """Put the anomaly mask under ``keys`` when there is one, as the tools that show a bundle's ``pred`` expect.
+
+    MONAI Label displays ``pred`` with the labels of ``network_data_format.outputs.pred.channel_def`` (0 background,
+    1 anomaly) and MONAI Deploy casts it to uint8, so after the map has been written ``pred`` becomes the binary mask
+    (``label_key``, from ``BinariseAnomalyd`` with a calibrated threshold). Without a threshold ``pred`` stays the
+    anomaly map.
+    """
+
+    def __init__(self, keys: KeysCollection = "pred", label_key: str = "pred_mask") -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.label_key = label_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        if self.label_key in d:
+            for key in self.key_iterator(d):
+                d[key] = d[self.label_key]
         return d
