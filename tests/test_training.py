@@ -7,6 +7,7 @@ import torch
 from ignite.engine import Engine
 from ignite.handlers import EMAHandler, ProgressBar
 from monai.handlers import CheckpointSaver, LrScheduleHandler, StatsHandler, TensorBoardStatsHandler, ValidationHandler
+from uad.io import read_model_config, write_model_config
 from uad.training import (
     FinalModelFallback,
     latest_checkpoint,
@@ -107,3 +108,20 @@ def test_final_model_fallback_saves_final_weights_only_without_a_validated_model
     validator.state.best_metric_epoch = 1
     engine.run([0], max_epochs=2)
     assert all(not v.any() for v in torch.load(tmp_path / "models" / "model.pt", weights_only=True).values())
+
+
+def test_model_config_is_written_flat_and_read_back_with_clear_errors(tmp_path, caplog):
+    folder = tmp_path / "models"
+    write_model_config(folder, {"pixdim": [3.0, 3.0, 3.0], "unet": {"channels": [8, 16, 16], "num_res_blocks": 1}})
+    expected = {"pixdim": [3.0, 3.0, 3.0], "unet.channels": [8, 16, 16], "unet.num_res_blocks": 1}
+    assert read_model_config(folder / "model.pt") == expected and not list(folder.glob(".*tmp*"))
+    with caplog.at_level("WARNING", logger="uad.io"):
+        read_model_config(folder / "checkpoint_epoch=3.pt", training=True)  # any checkpoint of the folder
+    assert "training keeps its sizes" in caplog.text and "unet.channels=[8, 16, 16]" in caplog.text
+    assert read_model_config(tmp_path / "empty" / "model.pt") == {}  # no file: the config's own sizes
+    (folder / "model_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model_config\.json: not a JSON file"):
+        read_model_config(folder / "model.pt")
+    (folder / "model_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object of config values, got list"):
+        read_model_config(folder / "model.pt")

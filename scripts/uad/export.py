@@ -60,9 +60,14 @@ def export_torchscript(
     config_file: str | os.PathLike,
     example_size: Sequence[int],
     condition: bool = False,
+    resolved: dict | None = None,
 ) -> Path:
     """Trace ``network`` (see ``trace_network``) and write it to ``path`` (e.g. ``models/model.ts``) atomically, with
     ``metadata.json`` (the bundle's metadata plus versions) and ``inference.json`` embedded; returns the path.
+
+    ``resolved`` replaces top-level keys of the embedded ``inference.json`` with values, e.g. the network sizes
+    (``model_config``) and the calibrated ``threshold``, which the bundle reads from files beside the weights: MONAI
+    Deploy runs the embedded config without those files.
 
     The file is written under its final name in a temporary folder beside it, then moved: TorchScript archives name
     their root folder after the file, and MONAI Deploy finds the embedded configs by that name.
@@ -70,6 +75,7 @@ def export_torchscript(
     path = Path(path)
     traced = trace_network(network, example_size, condition)
     meta = json.loads(Path(meta_file).read_text())
+    config = {**json.loads(Path(config_file).read_text()), **(resolved or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
@@ -77,7 +83,7 @@ def export_torchscript(
             traced,
             str(staged),
             meta_values=meta,
-            more_extra_files={"inference.json": Path(config_file).read_bytes()},
+            more_extra_files={"inference.json": json.dumps(config, indent=4).encode()},
         )
         os.replace(staged, path)
     logger.info("TorchScript network with metadata.json and inference.json written to %s", path)
