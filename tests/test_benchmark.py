@@ -62,23 +62,16 @@ def test_every_method_names_existing_bundle_configs():
 
 
 def test_benchmark_trains_in_stages_and_reports(demo_cohort, tmp_path):
-    """Baselines and two diffusion models (one with a training-only overlay) at a budget of 2 iterations in 2 curve
-    points, then a resumed rerun."""
+    """Baselines and a diffusion model at a budget of 2 iterations in 2 curve points, then a resumed rerun (the
+    training-only overlays of other methods, e.g. cddpm_ema's ema.json, run in the bundle tests)."""
     args = ["--data", "demo", "--demo-data", str(demo_cohort), "--demo-sets", "Tumour", "--budget", "2"]
-    args += ["--curve-points", "2", "--methods", "intensity", "mean_image", "ddpm", "cddpm_ema", "--out", str(tmp_path)]
+    args += ["--curve-points", "2", "--methods", "intensity", "mean_image", "ddpm", "--out", str(tmp_path)]
     assert benchmark.main(args) == 0
     report = json.loads((tmp_path / "benchmark.json").read_text())
     rows = report["rows"]
-    assert [(r["key"], r["step"]) for r in rows] == [
-        ("ddpm", 1),
-        ("cddpm_ema", 1),
-        ("intensity", 2),
-        ("mean_image", 2),
-        ("ddpm", 2),
-        ("cddpm_ema", 2),
-    ]
+    assert [(r["key"], r["step"]) for r in rows] == [("ddpm", 1), ("intensity", 2), ("mean_image", 2), ("ddpm", 2)]
     assert all(0 <= r["auprc"] <= 1 and r["chance_auprc"] > 0 for r in rows)
-    ddpm = rows[-2]
+    ddpm = rows[-1]
     assert ddpm["passes"] == 3 and ddpm["train_s_per_iter"] > 0 and ddpm["method"] == "DDPM (unconditioned)"
     assert (tmp_path / "demo_t2" / "ddpm" / "models" / "step_1.pt").is_file()
     assert "--amp auto" in (tmp_path / "demo_t2" / "ddpm" / "evaluate.log").read_text()  # bf16 only where native

@@ -1,4 +1,5 @@
-"""The trained demo weights shipped in each bundle load into its demo-sized inference network and run."""
+"""The trained demo weights shipped in each bundle load into the network ``inference.json`` builds as it stands (the
+sizes of ``models/model_config.json``) and run; weights of the other bundle or of another size are refused."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ def test_shipped_demo_weights_load_strictly_and_infer(bundle, bundle_imports, mo
     bundle_imports(bundle)
     monkeypatch.chdir(REPO / bundle)
     parser = ConfigParser()
-    parser.read_config(["configs/inference.json", "configs/demo.json"])
-    parser.update({"ckpt_path": "models/model.pt", "device": "$torch.device('cpu')"})
+    parser.read_config("configs/inference.json")  # no overlay: the sizes come from models/model_config.json
+    parser.update({"device": "$torch.device('cpu')"})
     network = parser.get_parsed_content("network")  # strict load_weights: any key or shape mismatch fails
+    demo = ConfigParser()
+    demo.read_config(["configs/train.json", "configs/demo.json"])
+    demo["model_config"] = {}
+    assert parser.get_parsed_content("image_size") == demo.get_parsed_content("image_size") == [64, 64, 32]
     assert not network.training
     inferer = parser.get_parsed_content("inferer")
     image = torch.zeros(1, 1, 64, 64, 2)
@@ -39,3 +44,53 @@ def test_shipped_demo_weights_are_a_plain_cpu_state_dict(bundle, bundle_imports,
     network = parser.get_parsed_content("network_def")
     Checkpoint.load_objects({"model": network}, torch.load(REPO / bundle / "models" / "model.pt"))
     assert all(torch.equal(network.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize(
+    "bundle, configs, ckpt, message",
+    [
+        (
+            "cddpm_bundle",
+            [],
+            "autoddpm_bundle",
+            "the file holds a bare diffusion UNet .AutoDDPM., the config builds a cDDPM",
+        ),
+        (
+            "autoddpm_bundle",
+            [],
+            "cddpm_bundle",
+            "the file holds a cDDPM network .unet . encoder., the config builds a bare",
+        ),
+        (
+            "cddpm_bundle",
+            ["configs/ablation_ddpm.json"],
+            "cddpm_bundle",
+            "the file's network has a conditioning encoder",
+        ),
+        ("cddpm_bundle", ["paper"], "cddpm_bundle", "the file holds a network of another size; .*vs network"),
+    ],
+)
+def test_weights_of_the_other_bundle_or_another_size_are_refused(bundle, configs, ckpt, message, bundle_imports):
+    from uad.training import load_weights
+
+    bundle_imports(bundle)
+    parser = ConfigParser()
+    parser.read_config(
+        [str(REPO / bundle / "configs" / "inference.json")] + [str(REPO / bundle / c) for c in configs if c != "paper"]
+    )
+    parser.update({"bundle_root": str(REPO / bundle), "ckpt_path": str(REPO / bundle / "models" / "model.pt")})
+    if "paper" in configs:
+        parser["model_config"] = {}  # the published sizes, as with weights copied without their model_config.json
+    network = parser.get_parsed_content("network_def")
+    weights = REPO / ckpt / "models" / "model.pt"
+    with pytest.raises(ValueError, match=rf"model\.pt: weights do not match the configured network: {message}"):
+        load_weights(network, weights)
+
+
+def test_a_truncated_checkpoint_is_named(tmp_path):
+    from uad.training import load_weights
+
+    truncated = tmp_path / "model.pt"
+    truncated.write_bytes((REPO / "cddpm_bundle" / "models" / "model.pt").read_bytes()[:100_000])
+    with pytest.raises(ValueError, match="model.pt: not a readable PyTorch checkpoint"):
+        load_weights(torch.nn.Linear(1, 1), truncated)

@@ -33,6 +33,8 @@ def test_export_writes_model_ts_that_reproduces_eager_outputs(bundle, bundle_imp
     assert all(embedded[k] == inference[k] for k in inference if k not in ("model_config", "threshold"))
     saved = json.loads((REPO / bundle / "models" / "model_config.json").read_text())
     assert embedded["model_config"] == saved  # values, not the files beside the weights: Deploy has no such files
+    shipped = json.loads((REPO / bundle / "models" / "thresholds.json").read_text())
+    assert embedded["threshold"] == shipped["threshold"]
 
     bundle_imports(bundle)
     parser = bundle_parser(bundle, "inference.json", "demo.json")

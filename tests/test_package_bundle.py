@@ -50,3 +50,4 @@ def test_bundle_folder_copied_elsewhere_runs_inference(bundle, demo_cohort, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     written = nib.load(tmp_path / "out" / image.name.replace(".nii.gz", "_anomaly_map.nii.gz"))
     assert written.shape == nib.load(image).shape and written.get_fdata().max() > 0
+    assert (tmp_path / "out" / image.name.replace(".nii.gz", "_anomaly_mask.nii.gz")).is_file()  # shipped threshold

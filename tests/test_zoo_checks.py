@@ -76,6 +76,19 @@ def test_bundle_layout_and_version_as_the_zoo_checks_them(bundle):
     large = yaml.safe_load((root / "large_files.yml").read_text())
     assert all({"path", "url"} <= set(entry) for entry in large["large_files"])
     assert all(p.stat().st_size < 25 * 2**20 for p in root.rglob("*") if p.is_file())
+    assert (root / "models" / "model.pt").is_file()  # "necessary file models/model.pt" of verify_bundle -m min
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_network_data_format_says_what_the_network_takes_and_pred_is(bundle):
+    meta = json.loads((REPO / bundle / "configs" / "metadata.json").read_text())
+    image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
+    assert image["spatial_shape"] == [96, 96] and image["is_patch_data"]  # 2D slices of the volume
+    assert "timesteps" in meta["description"] and ("condition" in meta["description"]) == (bundle == "cddpm_bundle")
+    assert pred["channel_def"] == {"0": "background", "1": "anomaly"} and pred["dtype"] == "uint8"
+    assert list(meta["network_data_format"]["inputs"]) == ["image"] and list(
+        meta["network_data_format"]["outputs"]
+    ) == ["pred"]  # MONAI Label reads data["image"] / data["pred"]; MONAI Deploy makes a port of every entry
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
@@ -83,7 +96,18 @@ def test_one_required_packages_list_with_every_package(bundle):
     meta = ConfigParser()
     meta.read_meta(str(REPO / bundle / "configs" / "metadata.json"))
     required = meta.get("_meta_")["required_packages_version"]  # as monai parses it
-    for package in ("einops", "nibabel", "pytorch-ignite", "scipy", "matplotlib", "tqdm", "mlflow", "onnxruntime"):
+    packages = (
+        "einops",
+        "nibabel",
+        "pytorch-ignite",
+        "scipy",
+        "matplotlib",
+        "tqdm",
+        "mlflow",
+        "onnxruntime",
+        "highdicom",
+    )
+    for package in packages:
         assert package in required, package
     pins = dict(line.split("==") for line in (REPO / "requirements.txt").read_text().splitlines() if "==" in line)
     assert all(pins[name] == version for name, version in required.items() if name in pins)
