@@ -11,8 +11,8 @@ The SDK (``monai-deploy-app-sdk`` 4.0) needs NVIDIA's Holoscan, so it runs where
 in its own environment::
 
     pip install monai-deploy-app-sdk==4.0.0 highdicom==0.28.2 -r requirements.txt
-    python -m monai.bundle run --config_file "['configs/inference.json','configs/export.json']"  # in the bundle
-    python scripts/deploy_app.py --bundle cddpm_bundle -i <folder of DICOM files> -o <output folder>
+    cd cddpm_bundle && python -m monai.bundle run --config_file "['configs/inference.json','configs/export.json']"
+    cd .. && python scripts/deploy_app.py --bundle cddpm_bundle -i <folder of DICOM files> -o <output folder>
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
     python scripts/package_bundle.py cddpm_bundle --out dist/ [--with-weights]
 
 Each bundle carries its copy of the shared code in ``<bundle>/scripts/uad`` (``scripts/sync_shared.py``), so the
-unzipped bundle runs on its own. Weights (``models/*.pt``) are left out
-unless ``--with-weights``; caches and TensorBoard/evaluation outputs are always left out. The archive is checked
+unzipped bundle runs on its own. Weights (``models/*.pt``, ``*.ts``) and the files describing them
+(``model_config.json``, ``thresholds.json``) are left out unless ``--with-weights``; caches and TensorBoard/evaluation
+outputs are always left out. The archive is checked
 before it is kept: every config in it must parse and instantiate its network from the unzipped copy alone.
 """
 
@@ -30,7 +31,11 @@ def bundle_files(bundle: Path, with_weights: bool = False) -> list[tuple[Path, s
         for name in sorted(names):
             path = Path(root) / name
             rel = path.relative_to(bundle)
-            if rel.parts[0] == "models" and path.suffix in (".pt", ".ts") and not with_weights:
+            if (
+                rel.parts[0] == "models"
+                and not with_weights
+                and (path.suffix in (".pt", ".ts") or path.suffix == ".json")
+            ):
                 continue
             files.append((path, f"{bundle.name}/{rel.as_posix()}"))
     return files

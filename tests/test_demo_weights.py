@@ -59,7 +59,7 @@ def test_shipped_demo_weights_are_a_plain_cpu_state_dict(bundle, bundle_imports,
             "autoddpm_bundle",
             [],
             "cddpm_bundle",
-            "the file holds a cDDPM network .unet . encoder., the config builds a bare",
+            "the file holds a cDDPM network .keys unet.., encoder..., the config builds a bare",
         ),
         (
             "cddpm_bundle",

@@ -219,7 +219,7 @@ def test_train_task_leaves_a_model_pt_that_the_infer_task_loads(app_bundle, demo
     )
     trained = torch.load(path / "models" / "model.pt", weights_only=True)
     assert trained.keys() == shipped.keys()
-    assert any(not torch.equal(trained[k], shipped[k]) for k in shipped)  # fine-tuned from the shipped weights
+    assert any(not torch.equal(trained[k], shipped[k]) for k in shipped)  # trained on from model.pt
     image = next((demo_cohort / "Test" / "Tumour" / "t2").glob("*.nii.gz"))
     data, _ = monai_label_infer(path, str(image))
     assert tuple(data["pred"].shape) == nib.load(image).shape

@@ -115,10 +115,15 @@ def test_model_config_is_written_flat_and_read_back_with_clear_errors(tmp_path, 
     write_model_config(folder, {"pixdim": [3.0, 3.0, 3.0], "unet": {"channels": [8, 16, 16], "num_res_blocks": 1}})
     expected = {"pixdim": [3.0, 3.0, 3.0], "unet.channels": [8, 16, 16], "unet.num_res_blocks": 1}
     assert read_model_config(folder / "model.pt") == expected and not list(folder.glob(".*tmp*"))
-    with caplog.at_level("WARNING", logger="uad.io"):
-        read_model_config(folder / "checkpoint_epoch=3.pt", training=True)  # any checkpoint of the folder
-    assert "training keeps its sizes" in caplog.text and "unet.channels=[8, 16, 16]" in caplog.text
     assert read_model_config(tmp_path / "empty" / "model.pt") == {}  # no file: the config's own sizes
+    assert read_model_config(folder / "model.pt", training=True) == {}  # sizes without weights: not applied
+    torch.save({}, folder / "model.pt")
+    with caplog.at_level("WARNING", logger="uad.io"):
+        assert read_model_config(folder / "model.pt", training=True) == expected
+    assert "training keeps its sizes" in caplog.text and "unet.channels=[8, 16, 16]" in caplog.text
+    write_model_config(folder, {"pixdim": [3.0, 3.0, 3.0], "unet.channels": [8, 16, 16], "unet.num_res_blocks": 1})
+    with pytest.raises(ValueError, match="holds a model of other sizes"):  # else model.pt and sizes disagree
+        write_model_config(folder, {"pixdim": [2.0, 2.0, 2.0]})
     (folder / "model_config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"model_config\.json: not a JSON file"):
         read_model_config(folder / "model.pt")

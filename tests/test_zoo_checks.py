@@ -83,7 +83,7 @@ def test_bundle_layout_and_version_as_the_zoo_checks_them(bundle):
 def test_network_data_format_says_what_the_network_takes_and_pred_is(bundle):
     meta = json.loads((REPO / bundle / "configs" / "metadata.json").read_text())
     image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
-    assert image["spatial_shape"] == [96, 96] and image["is_patch_data"]  # 2D slices of the volume
+    assert image["spatial_shape"] == [64, 64] and image["is_patch_data"]  # 2D slices (of the shipped demo model)
     assert "timesteps" in meta["description"] and ("condition" in meta["description"]) == (bundle == "cddpm_bundle")
     assert pred["channel_def"] == {"0": "background", "1": "anomaly"} and pred["dtype"] == "uint8"
     assert list(meta["network_data_format"]["inputs"]) == ["image"] and list(

@@ -115,7 +115,10 @@ class FinalModelFallback:
         state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
         with atomic_output(self.path) as tmp:
             torch.save(state, tmp)
-        logger.info("no validation ran (val_interval > epochs): %s holds the final weights", self.path)
+        logger.info(
+            "no validated best model (no validation ran, e.g. val_interval > epochs): %s holds the final weights",
+            self.path,
+        )
 
 
 REPORTING_HANDLERS = (
@@ -154,9 +157,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt or incomplete file?): {e}") from e
 
 
-def state_mismatch(own: dict, state: dict) -> str:
+def state_mismatch(own: dict, state: dict, guess_network: bool = True) -> str:
     """What differs between a network's ``state_dict`` (``own``) and a loaded one: missing, unexpected and
-    differently shaped keys (a few of each), and a guess at the network the file holds. Empty when they match."""
+    differently shaped keys (a few of each) and, with ``guess_network``, which bundle's network the file holds. Empty
+    when they match."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
@@ -169,7 +173,9 @@ def state_mismatch(own: dict, state: dict) -> str:
         f"unexpected keys {few(unexpected)}" if unexpected else "",
         ", ".join(f"{k}: file {tuple(state[k].shape)} vs network {tuple(own[k].shape)}" for k in mismatched[:3]),
     ]
-    kinds = {True: "a cDDPM network (unet + encoder)", False: "a bare diffusion UNet (AutoDDPM)"}
+    if not guess_network:
+        return "; ".join(filter(None, details))
+    kinds = {True: "a cDDPM network (keys unet.*, encoder.*)", False: "a bare diffusion UNet (AutoDDPM)"}
     file_cddpm, own_cddpm = (any(k.startswith(("unet.", "encoder.")) for k in keys) for keys in (state, own))
     if not set(own) & set(state) and file_cddpm != own_cddpm:
         details.insert(0, f"the file holds {kinds[file_cddpm]}, the config builds {kinds[own_cddpm]}")
@@ -188,8 +194,10 @@ def load_weights(network: nn.Module, path: str | os.PathLike, key: str = "networ
         ValueError: naming the file and what differs (another bundle's network, another size, other keys).
     """
     state = load_checkpoint(path)
-    if isinstance(state.get(key), dict):
-        state = state[key]
+    for name in (key, "model"):  # a training checkpoint, or {"model": ...} as MONAI Label's loader names it
+        if isinstance(state.get(name), dict):
+            state = state[name]
+            break
     problem = state_mismatch(network.state_dict(), state)
     if problem:
         raise ValueError(
@@ -214,7 +222,7 @@ def load_pretrained_encoder(network: nn.Module, path: str | os.PathLike | None, 
         raise ValueError(f"{path}: the network has no {key!r} to load a pretrained encoder into")
     state = load_checkpoint(path)
     state = state.get(key, state) if isinstance(state, dict) else state
-    problem = state_mismatch(module.state_dict(), state)
+    problem = state_mismatch(module.state_dict(), state, guess_network=False)
     if problem:
         raise ValueError(f"{path}: pretrained encoder does not match the configured encoder: {problem}")
     module.load_state_dict(state, strict=True)

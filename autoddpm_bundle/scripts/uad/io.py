@@ -89,8 +89,14 @@ def write_model_config(ckpt_dir: str | os.PathLike, values: dict) -> Path:
         values: the values, nested as in the config (``{"unet": {"channels": [...]}}``) or keyed by path.
     """
     path = Path(ckpt_dir) / MODEL_CONFIG_FILE
+    values = _flat_paths(values)
+    if path.is_file() and (path.parent / "model.pt").is_file() and json.loads(path.read_text()) != values:
+        raise ValueError(
+            f"{path.parent} holds a model of other sizes ({path}); train into an empty ckpt_dir, or remove "
+            f"model.pt and {MODEL_CONFIG_FILE} there first"
+        )
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(_flat_paths(values), indent=4) + "\n")
+        tmp.write_text(json.dumps(values, indent=4) + "\n")
     logger.info("network and input grid of the weights in %s written to %s", ckpt_dir, path)
     return path
 
@@ -104,7 +110,7 @@ def read_model_config(ckpt_path: str | os.PathLike, training: bool = False) -> d
     empty ``ckpt_dir`` trains the config's sizes.
     """
     path = Path(ckpt_path).parent / MODEL_CONFIG_FILE
-    if not path.is_file():
+    if not path.is_file() or (training and not Path(ckpt_path).is_file()):  # training: sizes of weights that exist
         return {}
     try:
         values = json.loads(path.read_text())

@@ -46,6 +46,8 @@ def source_frames(series_dir: str | os.PathLike, mask: np.ndarray, affine: np.nd
             ds = pydicom.dcmread(path)
         except pydicom.errors.InvalidDicomError:
             continue
+        if "ImagePositionPatient" not in ds or "PixelData" not in ds:  # e.g. a DICOMDIR, a report, an earlier SEG
+            continue
         position = _LPS_TO_RAS @ np.asarray(ds.ImagePositionPatient, dtype=np.float64)
         i, j, k = (to_voxel @ np.append(position, 1.0))[:3]
         slice_index = int(round(k))
