@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from monai.bundle import ConfigParser
-from uad.io import atomic_output
+from uad.files import atomic_output
 from uad.precision import cpu_bf16_native, cpu_description
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,20 +2,50 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_IXI = REPO.parent / "shared" / "data" / "ixi_t1_axial"
 
+# The suite runs on 2 pytest-xdist workers (pyproject.toml): one thread each, so that the two never oversubscribe the
+# cores (torch's OpenMP threads spin while they wait).
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+torch.set_num_threads(THREADS)
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of the bundle commands the tests start: this worker's thread count, no warnings."""
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(THREADS)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # CPU-sized overrides shared by the bundle tests: tiny grid, one epoch of a few slices (networks: per bundle).
 TINY_GRID = {"pixdim": [6.0, 6.0, 6.0], "image_size": [32, 32, 16]}
+TINY_CDDPM_NETS = {  # the cDDPM bundle's networks at the tests' size
+    "latent_dim": 16,
+    "encoder#block_inplanes": [8, 8, 8, 8],
+    "unet#channels": [8, 16, 16],
+    "unet#num_head_channels": 8,
+    "unet#norm_num_groups": 8,
+    "noise#frequency": 16,
+}
 TINY_RUN = {**TINY_GRID, "epochs": 1, "val_interval": 1, "batch_size": 4, "slices_per_volume": 2, "num_workers": 0}
 
 
@@ -78,13 +108,63 @@ def run_bundle(
 ) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run`` inside the bundle folder, with ``--key value`` overrides; fails loudly.
 
-    With ``nproc`` > 0 the command runs under ``torchrun --nproc_per_node=nproc`` (gloo on CPU).
+    The command's own function (``monai.bundle.scripts.run``, which the CLI calls through ``fire``) runs in this
+    process, with the overrides parsed as ``fire`` parses them, so that no run pays for importing MONAI again; its
+    printed output and log records (INFO and up, MONAI's logging format) are returned as ``stdout``. With ``nproc`` > 0
+    the command runs under ``torchrun --nproc_per_node=nproc`` (gloo on CPU), in subprocesses.
     """
-    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc else []
+    if nproc:
+        return _run_torchrun(bundle, configs, overrides, timeout, nproc)
+    from fire.parser import DefaultParseValue
+    from monai.bundle.scripts import run
+
+    kwargs = {k: DefaultParseValue(v) if isinstance(v, str) else v for k, v in overrides.items()}
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    root, level, cwd, path = logging.getLogger(), logging.getLogger().level, os.getcwd(), list(sys.path)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    _forget_scripts()
+    sys.path.insert(0, str(REPO / bundle))
+    os.chdir(REPO / bundle)
+    streams = {h: h.setStream(out) for h in _stream_handlers()}  # loggers with their own (MONAI's get_logger)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            run(config_file=configs, logging_file=False, **kwargs)
+    except Exception as e:
+        raise AssertionError(f"monai.bundle run {configs} {overrides} failed:\n{out.getvalue()[-6000:]}") from e
+    finally:
+        os.chdir(cwd)
+        sys.path[:] = path
+        _forget_scripts()
+        root.removeHandler(handler)
+        root.setLevel(level)
+        for h in _stream_handlers():  # back to where they wrote, or, made during the run, to this process's stdout
+            h.setStream(streams.get(h, sys.stdout))
+    return subprocess.CompletedProcess(["monai.bundle", "run", *configs], 0, stdout=out.getvalue(), stderr="")
+
+
+def _stream_handlers() -> list[logging.StreamHandler]:
+    """The plain stream handlers of every logger (not pytest's capture handlers)."""
+    loggers = [
+        logging.getLogger(),
+        *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)),
+    ]
+    return [h for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler]
+
+
+def _forget_scripts() -> None:
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+
+
+def _run_torchrun(bundle: str, configs: list[str], overrides: dict, timeout: int, nproc: int):
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
     cmd = [sys.executable, *launcher, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs)]
     for key, value in overrides.items():
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
+    env = subprocess_env()
     result = subprocess.run(cmd, cwd=REPO / bundle, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")

@@ -62,14 +62,15 @@ def test_every_method_names_existing_bundle_configs():
 
 
 def test_benchmark_trains_in_stages_and_reports(demo_cohort, tmp_path):
-    """Baselines and a diffusion model at a budget of 2 iterations in 2 curve points, then a resumed rerun (the
-    training-only overlays of other methods, e.g. cddpm_ema's ema.json, run in the bundle tests)."""
-    args = ["--data", "demo", "--demo-data", str(demo_cohort), "--demo-sets", "Tumour", "--budget", "2"]
-    args += ["--curve-points", "2", "--methods", "intensity", "mean_image", "ddpm", "--out", str(tmp_path)]
+    """Baselines and a diffusion model at a budget of 1 iteration in 1 curve point, then a resumed rerun (the
+    training-only overlays of other methods, e.g. cddpm_ema's ema.json, run in the bundle tests; stages resume as
+    training does, tested there)."""
+    args = ["--data", "demo", "--demo-data", str(demo_cohort), "--demo-sets", "Tumour", "--budget", "1"]
+    args += ["--curve-points", "1", "--methods", "intensity", "mean_image", "ddpm", "--out", str(tmp_path)]
     assert benchmark.main(args) == 0
     report = json.loads((tmp_path / "benchmark.json").read_text())
     rows = report["rows"]
-    assert [(r["key"], r["step"]) for r in rows] == [("ddpm", 1), ("intensity", 2), ("mean_image", 2), ("ddpm", 2)]
+    assert sorted((r["key"], r["step"]) for r in rows) == [("ddpm", 1), ("intensity", 1), ("mean_image", 1)]
     assert all(0 <= r["auprc"] <= 1 and r["chance_auprc"] > 0 for r in rows)
     ddpm = rows[-1]
     assert ddpm["passes"] == 3 and ddpm["train_s_per_iter"] > 0 and ddpm["method"] == "DDPM (unconditioned)"

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_RUN, brain_crop_slices, bundle_parser, run_bundle, tiny_diffusion_unet
+from conftest import REPO, TINY_CDDPM_NETS, TINY_RUN, brain_crop_slices, bundle_parser, run_bundle, tiny_diffusion_unet
 from monai.bundle import ConfigParser
 from monai.networks.schedulers import DDPMScheduler
 from uad.precision import cpu_bf16_native
@@ -24,15 +24,7 @@ from cddpm_bundle.scripts.uad.training import load_weights
 BUNDLE = REPO / "cddpm_bundle"
 CONFIGS = BUNDLE / "configs"
 
-TINY = {
-    **TINY_RUN,
-    "latent_dim": 16,
-    "encoder#block_inplanes": [8, 8, 8, 8],
-    "unet#channels": [8, 16, 16],
-    "unet#num_head_channels": 8,
-    "unet#norm_num_groups": 8,
-    "noise#frequency": 16,
-}
+TINY = {**TINY_RUN, **TINY_CDDPM_NETS}
 
 
 def parser(*names: str) -> ConfigParser:
@@ -318,6 +310,21 @@ def test_bundle_evaluate_writes_metrics_thresholds_and_figures(trained):
     assert re.search(r"auprc\s+\d", trained["eval_log"])
 
 
+def test_bundle_evaluate_again_reads_the_cases_it_inferred(trained):
+    """Run again into the same folder (as after an interruption), evaluation infers nothing and reports the same."""
+    out = trained["work"] / "eval"
+    before = json.loads((out / "metrics.json").read_text())
+    result = run_bundle(
+        "cddpm_bundle",
+        ["configs/evaluate.json", "configs/demo.json"],
+        {**trained["common"], "output_dir": str(out), "test_set": "Tumour", "ensemble_timesteps": [500]},
+    )
+    log = result.stdout + result.stderr
+    assert "validation: 4 of 4 case(s) read from" in log and "test: 2 of 2 case(s) read from" in log
+    after = json.loads((out / "metrics.json").read_text())
+    assert after["summary"] == before["summary"] and after["thresholds"] == before["thresholds"]
+
+
 def test_bundle_inference_writes_maps_in_input_geometry(trained, demo_cohort, tmp_path):
     out = tmp_path / "maps"
     run_bundle(
@@ -375,16 +382,20 @@ def test_bundle_inference_on_one_file_without_mask(trained, demo_cohort, tmp_pat
     assert cpu_bf16_native() or "bf16 autocast runs 20-40x slower" in result.stdout + result.stderr
     written = nib.load(out / image.name.replace(".nii.gz", "_anomaly_map.nii.gz"))
     assert written.shape == nib.load(image).shape
+    amap = np.asarray(written.dataobj)
+    assert np.isfinite(amap).all() and amap.max() > 0  # bf16 autocast: a finite map (CheckAnomalyMapd refuses others)
 
 
 def test_bundle_trains_with_torchrun_on_two_cpu_processes(demo_cohort, tmp_path):
-    """DDP on 2 gloo processes, with the warm-up and EMA overlays (their handlers run on every rank)."""
+    """DDP on 2 gloo processes, with the warm-up and EMA overlays (their handlers run on every rank), and the device
+    given as users type it (``--device cpu``, a plain string)."""
     models = tmp_path / "models"
     configs = ["configs/train.json", "configs/demo.json", "configs/warmup.json", "configs/ema.json"]
     result = run_bundle(
         "cddpm_bundle",
         [*configs, "configs/multi_gpu_train.json"],
-        {**TINY, "dataset_dir": str(demo_cohort), "ckpt_dir": str(models), "output_dir": str(tmp_path / "out")},
+        {**TINY, "dataset_dir": str(demo_cohort), "ckpt_dir": str(models), "output_dir": str(tmp_path / "out")}
+        | {"device": "cpu"},
         nproc=2,
     )
     log = result.stdout + result.stderr

@@ -141,7 +141,7 @@ def test_missing_wrong_geometry_and_non_image_files_give_clear_errors(tmp_path):
     bad_csv.write_text("img_name,img_path\nx,a.nii.gz\n")
     with pytest.raises(ValueError, match="missing column"):
         load_split_csv(bad_csv)
-    with pytest.raises(KeyError, match="no section 'test'"):
+    with pytest.raises(ValueError, match="no section 'test'"):
         load_datalist(write_datalist(tmp_path / "d.json", {"training": [{"image": image}]}), "test")
 
 

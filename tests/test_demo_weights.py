@@ -23,7 +23,7 @@ def test_shipped_demo_weights_load_strictly_and_infer(bundle, bundle_imports, mo
     assert parser.get_parsed_content("image_size") == demo.get_parsed_content("image_size") == [64, 64, 32]
     assert not network.training
     inferer = parser.get_parsed_content("inferer")
-    image = torch.zeros(1, 1, 64, 64, 2)
+    image = torch.zeros(1, 1, 64, 64, 1)
     image[..., 16:48, 16:48, :] = 0.5
     anomaly = inferer(image, network, mask=(image > 0).float())
     assert anomaly.shape == image.shape and torch.isfinite(anomaly).all()

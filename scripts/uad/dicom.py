@@ -14,7 +14,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from .io import atomic_output
+from .files import atomic_output
 
 __all__ = ["SaveDicomSegd", "source_frames", "write_dicom_seg"]
 

@@ -5,17 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from monai.data import NibabelWriter
 
+from .errors import InputError
+from .files import atomic_output
+
 __all__ = [
     "MODEL_CONFIG_FILE",
     "AtomicNibabelWriter",
-    "atomic_output",
-    "atomic_path",
     "read_model_config",
     "read_threshold",
     "write_model_config",
@@ -24,26 +23,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MODEL_CONFIG_FILE = "model_config.json"
-
-
-def atomic_path(path: str | os.PathLike) -> Path:
-    """A temporary sibling of ``path`` with the same extension, to write to before ``os.replace``."""
-    path = Path(path)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    return path.with_name(f".{path.name[: len(path.name) - len(suffix)]}.tmp{os.getpid()}{suffix}")
-
-
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` (same extension); on success move it onto ``path``, else delete it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class AtomicNibabelWriter(NibabelWriter):
@@ -63,7 +42,7 @@ def read_threshold(path: str | os.PathLike | None) -> float | None:
         content = json.loads(Path(path).read_text())
         threshold = float(content["threshold"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a threshold file with a numeric 'threshold' ({e})") from e
+        raise InputError(f"{path}: not a threshold file with a numeric 'threshold' ({e})") from e
     logger.info("binarising anomaly maps at %.5f (%s, from %s)", threshold, content.get("method", "?"), path)
     return threshold
 
@@ -91,7 +70,7 @@ def write_model_config(ckpt_dir: str | os.PathLike, values: dict) -> Path:
     path = Path(ckpt_dir) / MODEL_CONFIG_FILE
     values = _flat_paths(values)
     if path.is_file() and (path.parent / "model.pt").is_file() and json.loads(path.read_text()) != values:
-        raise ValueError(
+        raise InputError(
             f"{path.parent} holds a model of other sizes ({path}); train into an empty ckpt_dir, or remove "
             f"model.pt and {MODEL_CONFIG_FILE} there first"
         )
@@ -115,9 +94,9 @@ def read_model_config(ckpt_path: str | os.PathLike, training: bool = False) -> d
     try:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a JSON file of config values ({e})") from e
+        raise InputError(f"{path}: not a JSON file of config values ({e})") from e
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a JSON object of config values, got {type(values).__name__}")
+        raise InputError(f"{path}: expected a JSON object of config values, got {type(values).__name__}")
     if training:
         logger.warning(
             "%s holds a model: training keeps its sizes from %s (%s); train into an empty ckpt_dir for the config's",

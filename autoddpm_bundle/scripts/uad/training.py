@@ -15,12 +15,15 @@ from monai.data import pad_list_data_collate
 from monai.handlers import CheckpointLoader, CheckpointSaver, MLFlowHandler, StatsHandler, TensorBoardStatsHandler
 from torch import nn
 
-from .io import MODEL_CONFIG_FILE, atomic_output
+from .errors import InputError, MissingInputError, NonFiniteLossError
+from .files import atomic_output
+from .io import MODEL_CONFIG_FILE
 
 __all__ = [
     "BestMetricState",
     "FinalModelFallback",
     "EpochSeeded",
+    "FiniteLoss",
     "attach_resume",
     "latest_checkpoint",
     "load_checkpoint",
@@ -80,6 +83,34 @@ def pad_slices_collate(batch: list, background: float = 0.0) -> dict:
     """
     slices = [s for item in batch for s in (item if isinstance(item, list) else [item])]
     return pad_list_data_collate(slices, value=background)
+
+
+class FiniteLoss(nn.Module):
+    """A training loss that stops training on a NaN or infinite value, before the optimizer steps with it.
+
+    The weights stay those of the last good step, and nothing non-finite reaches a checkpoint; the message names the
+    latest resumable checkpoint.
+
+    Args:
+        loss: the loss module, called as ``loss(*args)``.
+        ckpt_dir: the folder of the resumable checkpoints (``attach_resume``), for the message.
+    """
+
+    def __init__(self, loss: nn.Module, ckpt_dir: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        self.loss = loss
+        self.ckpt_dir = ckpt_dir
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        value = self.loss(*args, **kwargs)
+        if not torch.isfinite(value.detach()).all():
+            latest = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir else None
+            resume = f"run again to resume from {latest}" if latest else "no epoch had completed (no checkpoint)"
+            raise NonFiniteLossError(
+                f"training stopped: the loss is {value.detach().float().mean().item()} (not finite), before the "
+                f"optimizer step; {resume}, with a lower learning_rate or amp false if it happens again"
+            )
+        return value
 
 
 class FinalModelFallback:
@@ -150,11 +181,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """``torch.load(path, weights_only=True)`` with errors that name the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingInputError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint (corrupt or incomplete file?): {e}") from e
+        raise InputError(f"{path}: not a readable PyTorch checkpoint (corrupt or incomplete file?): {e}") from e
 
 
 def state_mismatch(own: dict, state: dict, guess_network: bool = True) -> str:
@@ -200,7 +231,7 @@ def load_weights(network: nn.Module, path: str | os.PathLike, key: str = "networ
             break
     problem = state_mismatch(network.state_dict(), state)
     if problem:
-        raise ValueError(
+        raise InputError(
             f"{path}: weights do not match the configured network: {problem}. The network sizes come from "
             f"{Path(path).parent / MODEL_CONFIG_FILE} when it exists (written by training beside the weights), else "
             "from the config and its overlays: use the weights with the files they were trained with."
@@ -219,12 +250,12 @@ def load_pretrained_encoder(network: nn.Module, path: str | os.PathLike | None, 
         return network
     module = getattr(network, key, None)
     if module is None:
-        raise ValueError(f"{path}: the network has no {key!r} to load a pretrained encoder into")
+        raise InputError(f"{path}: the network has no {key!r} to load a pretrained encoder into")
     state = load_checkpoint(path)
     state = state.get(key, state) if isinstance(state, dict) else state
     problem = state_mismatch(module.state_dict(), state, guess_network=False)
     if problem:
-        raise ValueError(f"{path}: pretrained encoder does not match the configured encoder: {problem}")
+        raise InputError(f"{path}: pretrained encoder does not match the configured encoder: {problem}")
     module.load_state_dict(state, strict=True)
     logger.info("initialised the %s from the pretrained weights in %s", key, path)
     return network

@@ -9,18 +9,22 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import LoadImaged, MapTransform, RandomizableTransform, Spacingd
+from monai.transforms import LoadImaged, MapTransform, RandomizableTransform, ResizeWithPadOrCropd, Spacingd
 from scipy import ndimage
 
+from .errors import InputError
 from .evaluation import binarise
 
 __all__ = [
     "BinariseAnomalyd",
+    "CheckAnomalyMapd",
     "CheckImaged",
     "DeriveBrainMaskd",
     "LabelAsPredd",
     "LoadMasksd",
     "PathSafeSpacingd",
+    "ResizeToGridd",
+    "check_anomaly_map",
     "RandGhostingd",
     "ScaleIntensityInMaskd",
     "source_file",
@@ -81,13 +85,13 @@ class CheckImaged(MapTransform):
             img = d[key]
             name = source_file(img)
             if img.ndim not in (3, 4):
-                raise ValueError(
+                raise InputError(
                     f"{name}: expected a 2D or 3D image, got {img.ndim - 1} spatial dimensions {tuple(img.shape[1:])}"
                 )
             if img.shape[0] != 1:
-                raise ValueError(f"{name}: expected a single-channel image, got {img.shape[0]} channels (a 4D file?)")
+                raise InputError(f"{name}: expected a single-channel image, got {img.shape[0]} channels (a 4D file?)")
             if not torch.isfinite(torch.as_tensor(img)).all():
-                raise ValueError(f"{name}: contains NaN or infinite values")
+                raise InputError(f"{name}: contains NaN or infinite values")
             if img.ndim == 3:
                 d[key] = _as_volume(img)
         image = d[self.image_key]
@@ -95,17 +99,17 @@ class CheckImaged(MapTransform):
             if key == self.image_key:
                 continue
             if d[key].shape != image.shape:
-                raise ValueError(
+                raise InputError(
                     f"{source_file(d[key])}: {key} shape {tuple(d[key].shape[1:])} does not match "
                     f"image {source_file(image)} {tuple(image.shape[1:])}"
                 )
             if isinstance(image, MetaTensor) and isinstance(d[key], MetaTensor):
                 if not torch.allclose(image.affine.double(), d[key].affine.double(), atol=self.atol):
-                    raise ValueError(
+                    raise InputError(
                         f"{source_file(d[key])}: {key} geometry (affine) does not match image {source_file(image)}"
                     )
         if self.mask_key in d and not (d[self.mask_key] > 0).any():
-            raise ValueError(f"{source_file(d[self.mask_key])}: brain mask is empty")
+            raise InputError(f"{source_file(d[self.mask_key])}: brain mask is empty")
         return d
 
 
@@ -148,10 +152,39 @@ class PathSafeSpacingd(Spacingd):
         return d
 
 
+class ResizeToGridd(ResizeWithPadOrCropd):
+    """``ResizeWithPadOrCropd`` to the protocol grid ``spatial_size`` (H, W, D); a one-slice input (a 2D slice, or a
+    one-slice volume) stays one slice deep: the 2D protocol, whose median filter and erosion see one slice, instead of
+    the slice padded into a D-deep volume that they would wipe out.
+
+    Raises:
+        InputError: a volume of several slices on a one-slice grid (``D`` = 1, the 2D protocol), which would keep only
+            its middle slice.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], **kwargs) -> None:
+        super().__init__(keys, spatial_size, **kwargs)
+        self.grid = tuple(int(s) for s in spatial_size)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict[Hashable, torch.Tensor]:
+        image = data[self.first_key(data)]
+        depth = image.shape[-1]
+        if self.grid[-1] == 1 and depth > 1:
+            raise InputError(
+                f"{source_file(image)}: a volume of {depth} slices on a one-slice grid (image_size {list(self.grid)}, "
+                "the 2D protocol): give 2D slices, or an image_size with the volume's depth"
+            )
+        size = (*self.grid[:-1], 1 if depth == 1 else self.grid[-1])
+        self.padder.padder.spatial_size = size
+        self.padder.cropper.roi_size = size
+        return super().__call__(data, lazy)
+
+
 class DeriveBrainMaskd(MapTransform):
     """Derive a foreground mask for images that come without a brain mask.
 
-    The mask is the largest connected component of ``image > threshold * robust max`` with holes filled, per volume.
+    The mask is the largest connected component of ``image > min + threshold * (robust max - min)`` with holes filled,
+    per volume (relative to the minimum, so z-scored images with a negative background work too).
     For skull-stripped images this is the brain; otherwise it is the head, which the metadata records as
     ``mask_derived = True`` (and a warning names the file) so results are not mistaken for brain-masked ones.
     """
@@ -168,10 +201,11 @@ class DeriveBrainMaskd(MapTransform):
             return d
         image = d[self.image_key]
         array = np.asarray(torch.as_tensor(image).detach().cpu())[0]
-        foreground = array > self.threshold * np.percentile(array, 99.5)
+        low = array.min()
+        foreground = array > low + self.threshold * (np.percentile(array, 99.5) - low)
         labels, n = ndimage.label(foreground)
         if n == 0:
-            raise ValueError(f"{source_file(image)}: no foreground found to derive a brain mask from")
+            raise InputError(f"{source_file(image)}: no foreground found to derive a brain mask from")
         largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
         mask = ndimage.binary_fill_holes(labels == largest)
         if mask.ndim == 3:  # also fill holes slice by slice (ventricles touching the volume border)
@@ -215,7 +249,7 @@ class ScaleIntensityInMaskd(MapTransform):
             img = d[key]
             values = img[brain].float()
             if values.numel() == 0:
-                raise ValueError(f"{source_file(img)}: brain mask is empty after resampling")
+                raise InputError(f"{source_file(img)}: brain mask is empty after resampling")
             lo, hi = torch.quantile(values, torch.tensor([self.lower, self.upper], dtype=values.dtype) / 100.0)
             scaled = ((img - lo) / torch.clamp(hi - lo, min=1e-8)).clamp(0.0, 1.0)
             d[key] = scaled * brain
@@ -315,6 +349,47 @@ class BinariseAnomalyd(MapTransform):
                 out = MetaTensor(out, meta=dict(amap.meta), applied_operations=list(amap.applied_operations))
             d[self.out_key] = out
         return d
+
+
+def check_anomaly_map(amap: torch.Tensor, brain: torch.Tensor, name: str, may_be_zero: bool = False) -> None:
+    """Refuse an anomaly map (1, H, W, D) that is not a result: non-finite values, or zero everywhere inside the
+    brain mask ``brain`` (what a grid that does not fit the input gives, e.g. a 2D slice padded into a 3D volume and
+    then filtered away).
+
+    Args:
+        may_be_zero: a zero map can be a result of the method (AutoDDPM: nothing flagged in stage 1, so nothing is
+            re-sampled); it is then logged as a warning instead.
+
+    Raises:
+        InputError naming ``name``, the input file.
+    """
+    amap, brain = torch.as_tensor(amap), torch.as_tensor(brain) > 0
+    if not torch.isfinite(amap).all():
+        raise InputError(f"{name}: the anomaly map has NaN or infinite values (under autocast? try amp False)")
+    if (amap[brain] != 0).any():
+        return
+    problem = (
+        f"{name}: the anomaly map is zero everywhere inside the brain mask ({int(brain.sum())} voxels of the "
+        f"{tuple(amap.shape[1:])} grid)"
+    )
+    if not may_be_zero:
+        raise InputError(f"{problem}: not written; check image_size and pixdim against the input")
+    logger.warning("%s: nothing was flagged, or image_size and pixdim do not fit the input", problem)
+
+
+class CheckAnomalyMapd(MapTransform):
+    """:func:`check_anomaly_map` on the maps under ``keys``, before they are binarised and written."""
+
+    def __init__(self, keys: KeysCollection = "pred", mask_key: str = "mask", may_be_zero: bool = False) -> None:
+        super().__init__(keys)
+        self.mask_key = mask_key
+        self.may_be_zero = may_be_zero
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        for key in self.key_iterator(data):
+            name = source_file(data.get("image", data[key]))
+            check_anomaly_map(data[key], data[self.mask_key], name, self.may_be_zero)
+        return dict(data)
 
 
 class LabelAsPredd(MapTransform):

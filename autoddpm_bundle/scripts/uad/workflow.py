@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -17,7 +18,8 @@ from tqdm import tqdm
 
 from .data import case_name
 from .evaluation import evaluate_cases
-from .io import atomic_output
+from .files import atomic_output, remove_stale_temporaries
+from .transforms import check_anomaly_map
 
 __all__ = ["collect_cases", "evaluate", "evaluate_sets", "format_metrics", "set_outputs"]
 
@@ -26,6 +28,32 @@ logger = logging.getLogger(__name__)
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
     return np.asarray(torch.as_tensor(x).detach().float().cpu())[0, 0]
+
+
+CASE_ARRAYS = ("image", "reconstruction", "anomaly_map", "mask", "seg")
+
+
+def _save_case(path: Path, case: dict[str, Any], key: str) -> None:
+    """One inferred case as ``.npz`` (atomic), with the ``key`` of the weights and settings it was computed with."""
+    arrays = {k: case[k] for k in CASE_ARRAYS if case[k] is not None}
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, cache_key=np.array(key), name=np.array(case["name"]), **arrays)
+
+
+def _load_case(path: Path, key: str) -> dict[str, Any] | None:
+    """A case saved by :func:`_save_case` with the same ``key``, or None (absent, other weights or settings,
+    unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as f:
+            if str(f["cache_key"]) != key:
+                return None
+            return {"name": str(f["name"]), **{k: f[k] if k in f else None for k in CASE_ARRAYS}}
+    except (OSError, ValueError, KeyError) as e:
+        logger.warning("%s: unreadable cached case, inferring it again (%s)", path, e)
+        return None
 
 
 @torch.inference_mode()
@@ -38,24 +66,48 @@ def collect_cases(
     desc: str = "inference",
     num_workers: int = 0,
     healthy_memo: dict[tuple, dict[str, Any]] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_key: str = "",
+    recompute: bool = False,
+    may_be_zero: bool = False,
 ) -> list[dict[str, Any]]:
     """Run ``inferer(image, network, mask=mask, return_reconstruction=True)`` on every entry, on the model grid.
 
     ``healthy_memo`` (shared by calls with the same network and inferer) keeps the cases of entries without ``seg``:
     an entry found there is not inferred again (e.g. the healthy validation volumes of several test sets).
+    With ``cache_dir`` each inferred case is saved there (``<name>.npz``), and a case saved with the same
+    ``cache_key`` (the weights and settings) is read back instead of inferred: an interrupted evaluation goes on
+    where it stopped; ``recompute`` infers every case again (and saves it). ``may_be_zero``: see
+    :func:`~uad.transforms.check_anomaly_map`.
 
     Returns:
         cases ``{"name", "image", "reconstruction", "anomaly_map", "mask", "seg"}`` as (H, W, D) numpy arrays
         (``seg`` None for entries without one), ready for :func:`evaluate_cases`.
     """
     memo = {} if healthy_memo is None else healthy_memo
-    todo = [e for e in entries if _memo_key(e) not in memo]
+    cached = {}
+    if cache_dir is not None:
+        remove_stale_temporaries(cache_dir)
+        for e in [] if recompute else entries:
+            if _memo_key(e) not in memo and (case := _load_case(_case_path(cache_dir, e), cache_key)) is not None:
+                cached[id(e)] = case
+        if cached:
+            logger.warning(
+                "%s: %d of %d case(s) read from %s, computed before with the same weights and settings (set recompute "
+                "true to infer them again)",
+                desc,
+                len(cached),
+                len(entries),
+                cache_dir,
+            )
+    todo = [e for e in entries if _memo_key(e) not in memo and id(e) not in cached]
     network.eval()
     loader = DataLoader(Dataset(todo, preprocessing), batch_size=1, shuffle=False, num_workers=num_workers)
-    inferred = {}
+    inferred = dict(cached)
     for entry, batch in zip(todo, tqdm(loader, desc=desc, unit="volume"), strict=True):
         image, mask = batch["image"].to(device), batch["mask"].to(device)
         anomaly_map, recon = inferer(image, network, mask=mask, return_reconstruction=True)
+        check_anomaly_map(anomaly_map[0], mask[0], entry["image"], may_be_zero)
         inferred[id(entry)] = case = {
             "name": entry.get("name", case_name(entry["image"])),
             "image": _numpy(image),
@@ -64,9 +116,21 @@ def collect_cases(
             "mask": _numpy(mask) > 0,
             "seg": _numpy(batch["seg"]) > 0 if "seg" in batch else None,
         }
-        if "seg" not in entry:
-            memo[_memo_key(entry)] = case
+        if cache_dir is not None:
+            _save_case(_case_path(cache_dir, entry), case, cache_key)
+    for entry in entries:
+        if "seg" not in entry and id(entry) in inferred:
+            memo[_memo_key(entry)] = inferred[id(entry)]
     return [inferred[id(e)] if id(e) in inferred else memo[_memo_key(e)] for e in entries]
+
+
+def _case_path(cache_dir: str | os.PathLike, entry: dict) -> Path:
+    """Where :func:`collect_cases` keeps an entry's case: named after the case and a digest of its files."""
+    files = "|".join(str(entry.get(k, "")) for k in ("image", "mask", "seg"))
+    return (
+        Path(cache_dir)
+        / f"{entry.get('name', case_name(entry['image']))}-{hashlib.sha1(files.encode()).hexdigest()[:8]}.npz"
+    )
 
 
 def _memo_key(entry: dict) -> tuple:
@@ -102,17 +166,27 @@ def evaluate(
     n_overlays: int = 4,
     extra: dict[str, Any] | None = None,
     healthy_memo: dict[tuple, dict[str, Any]] | None = None,
+    cache_key: str | None = None,
+    recompute: bool = False,
+    may_be_zero: bool = False,
 ) -> dict[str, Any]:
     """Infer on validation and test entries, calibrate thresholds on validation only, evaluate the test entries.
+
+    With a ``cache_key`` (the weights and settings, see :func:`collect_cases`) the inferred cases are kept in
+    ``output_dir/cases``, so that a run started again after an interruption infers only the cases it had not done;
+    ``recompute`` infers them all again. ``may_be_zero``: see :func:`~uad.transforms.check_anomaly_map`.
 
     Writes the outputs of :func:`evaluate_cases` to ``output_dir`` (with ``extra``, e.g. the inferer's settings,
     under ``"extra"`` in ``metrics.json``), copies the calibrated ``thresholds.json`` to ``threshold_file`` (where
     inference looks for it) and prints the metrics table. ``healthy_memo``: see :func:`collect_cases`.
     """
+    options: dict[str, Any] = {"may_be_zero": may_be_zero}
+    if cache_key:
+        options.update(cache_dir=Path(output_dir) / "cases", cache_key=cache_key, recompute=recompute)
     val_cases = collect_cases(
-        val_entries, preprocessing, inferer, network, device, desc="validation", healthy_memo=healthy_memo
+        val_entries, preprocessing, inferer, network, device, desc="validation", healthy_memo=healthy_memo, **options
     )
-    test_cases = collect_cases(test_entries, preprocessing, inferer, network, device, desc="test")
+    test_cases = collect_cases(test_entries, preprocessing, inferer, network, device, desc="test", **options)
     metrics = evaluate_cases(val_cases, test_cases, output_dir, fprs, min_component_size, n_overlays, extra)
     produced = Path(output_dir) / "thresholds.json"
     if threshold_file and produced.is_file() and Path(threshold_file).resolve() != produced.resolve():
@@ -150,7 +224,7 @@ def evaluate_sets(
 
     Outputs go where :func:`set_outputs` says; several sets infer the healthy validation volumes they share once.
     ``options``: the keyword arguments of :func:`evaluate` (``device``, ``fprs``, ``min_component_size``,
-    ``n_overlays``, ``extra``).
+    ``n_overlays``, ``extra``, ``cache_key``, ``recompute``, ``may_be_zero``).
 
     Returns:
         the metrics of each set.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from .errors import InputError, MissingInputError
+from .files import atomic_output, remove_stale_temporaries
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONTRASTS",
@@ -30,18 +37,22 @@ __all__ = [
     "MNI152_FILES",
     "SPLIT_COLUMNS",
     "case_name",
+    "check_cases",
     "dataset_entries",
     "dicom_series_geometry",
     "evaluation_entries",
     "evaluation_sets",
+    "image_array",
     "image_geometry",
     "inference_entries",
     "list_image_folder",
     "load_datalist",
     "load_split_csv",
     "mni152_path",
+    "pending_cases",
     "seed_layout_to_datalist",
     "split_csv_path",
+    "training_reference",
     "validate_entries",
     "write_datalist",
 ]
@@ -85,7 +96,7 @@ def _swap_contrast(path: Path, contrast: str) -> Path:
     """
     folder = path.parent
     if folder.name.lower() not in CONTRASTS:
-        raise ValueError(f"{path}: cannot choose contrast {contrast!r}: the image is not in a t1/t2 folder")
+        raise InputError(f"{path}: cannot choose contrast {contrast!r}: the image is not in a t1/t2 folder")
     name = path.name
     stem = case_name(name)
     for other in CONTRASTS:
@@ -110,6 +121,12 @@ def _resolve(base: Path, value: str) -> str:
     return os.path.normpath(path)
 
 
+def _outside(root: Path, value: str) -> bool:
+    """Whether a split CSV path resolves outside ``root``."""
+    resolved = Path(_resolve(root, value)).resolve()
+    return not resolved.is_relative_to(root.resolve())
+
+
 def load_split_csv(csv_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, contrast: str | None = None):
     """Entries of a seed-layout split CSV.
 
@@ -124,20 +141,30 @@ def load_split_csv(csv_path: str | os.PathLike, data_dir: str | os.PathLike | No
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise FileNotFoundError(f"split CSV not found: {csv_path}")
+        raise MissingInputError(f"split CSV not found: {csv_path}")
     if contrast is not None and contrast not in CONTRASTS:
-        raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
+        raise InputError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
     root = Path(data_dir) if data_dir is not None else csv_path.parent.parent
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in ("img_path", "mask_path") if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{csv_path}: missing column(s) {missing}; expected {list(SPLIT_COLUMNS)}")
+            raise InputError(f"{csv_path}: missing column(s) {missing}; expected {list(SPLIT_COLUMNS)}")
         rows = list(reader)
-    entries = []
+    entries, lines = [], {}
     for i, row in enumerate(rows, start=2):
         if not row["img_path"]:
-            raise ValueError(f"{csv_path}, line {i}: empty img_path")
+            raise InputError(f"{csv_path}, line {i}: empty img_path")
+        if row["img_path"] in lines:
+            first = lines[row["img_path"]]
+            raise InputError(f"{csv_path}, line {i}: duplicate row, {row['img_path']} is on line {first} too")
+        lines[row["img_path"]] = i
+        for column in ("img_path", "mask_path", "seg_path"):
+            if row.get(column) and row[column].lower() not in ("nan", "none") and _outside(root, row[column]):
+                raise InputError(
+                    f"{csv_path}, line {i}: {column} {row[column]} lies outside the data folder {root} "
+                    "(split CSV paths are relative to it)"
+                )
         image = Path(_resolve(root, row["img_path"]))
         if contrast is not None and image.parent.name.lower() != contrast:
             image = _swap_contrast(image, contrast)
@@ -157,18 +184,19 @@ def load_datalist(path: str | os.PathLike, key: str = "training") -> list[dict]:
     """Entries of one section of a MONAI datalist JSON, with paths made absolute (relative ones to the JSON file)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"datalist not found: {path}")
+        raise MissingInputError(f"datalist not found: {path}")
     try:
         content = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if key not in content:
-        raise KeyError(f"{path}: no section {key!r}; sections present: {sorted(content)}")
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(content, dict) or key not in content:
+        present = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise InputError(f"{path}: no section {key!r}; sections present: {present}")
     entries = []
     for i, item in enumerate(content[key]):
         item = {"image": item} if isinstance(item, str) else dict(item)
         if "image" not in item:
-            raise ValueError(f"{path}: entry {i} of {key!r} has no 'image'")
+            raise InputError(f"{path}: entry {i} of {key!r} has no 'image'")
         for k in ENTRY_KEYS:
             if item.get(k):
                 item[k] = _resolve(path.parent, item[k])
@@ -193,9 +221,8 @@ def write_datalist(path: str | os.PathLike, sections: dict[str, list[dict]], rel
                     p = os.path.abspath(entry[k])
                     item[k] = os.path.relpath(p, path.parent.resolve()) if relative else p
             out[section].append(item)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(out, indent=4) + "\n")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(out, indent=4) + "\n")
     return path
 
 
@@ -223,7 +250,7 @@ def list_image_folder(folder: str | os.PathLike) -> list[dict]:
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
     if not files:
-        raise FileNotFoundError(f"no NIfTI or PNG images in {folder}")
+        raise MissingInputError(f"no NIfTI or PNG images in {folder}")
     return [{"image": str(p), "name": case_name(p)} for p in files]
 
 
@@ -251,9 +278,9 @@ def dataset_entries(
     if datalist:
         entries = load_datalist(datalist, key)
     elif dataset_dir is None:
-        raise ValueError("set dataset_dir (seed layout or image folder) or datalist")
+        raise InputError("set dataset_dir (seed layout or image folder) or datalist")
     elif not Path(dataset_dir).is_dir():
-        raise FileNotFoundError(f"dataset_dir not found: {dataset_dir}")
+        raise MissingInputError(f"dataset_dir not found: {dataset_dir}")
     elif (Path(dataset_dir) / "splits").is_dir():
         entries = load_split_csv(split_csv_path(dataset_dir, set_name, split), dataset_dir, contrast)
     else:
@@ -261,7 +288,10 @@ def dataset_entries(
     if healthy_only:
         entries = [e for e in entries if not e.get("seg")]
     if not entries:
-        raise ValueError(f"no entries found (dataset_dir={dataset_dir}, datalist={datalist}, key={key})")
+        source = f"datalist {datalist}, section {key!r}" if datalist else f"dataset_dir {dataset_dir}"
+        if not datalist and (Path(dataset_dir) / "splits").is_dir():
+            source = str(split_csv_path(dataset_dir, set_name, split))
+        raise InputError(f"{source}: no cases{' without a segmentation' if healthy_only else ''} (empty data set)")
     if validate:
         validate_entries(entries)
     return entries
@@ -301,7 +331,7 @@ def evaluation_sets(
         return {Path(datalist).stem: evaluation_entries(None, datalist)}
     names = [test_sets] if isinstance(test_sets, str) else list(test_sets)
     if not names or len(set(names)) != len(names):
-        raise ValueError(f"test_sets must name distinct test sets, got {names}")
+        raise InputError(f"test_sets must name distinct test sets, got {names}")
     return {s: evaluation_entries(dataset_dir, None, contrast, s, healthy_set, healthy_split) for s in names}
 
 
@@ -325,6 +355,43 @@ def inference_entries(
     return dataset_entries(dataset_dir, datalist, key, contrast, set_name, split)
 
 
+def pending_cases(
+    entries: Sequence[dict],
+    output_dir: str | os.PathLike,
+    threshold: float | None = None,
+    overwrite: bool = False,
+) -> list[dict]:
+    """The entries whose inference outputs are not all in ``output_dir`` yet, so that a run started again after an
+    interruption goes on where it stopped; temporary files of the interrupted run are removed first.
+
+    A case is done when its anomaly map exists and, with a calibrated ``threshold``, its mask (and, for a DICOM series
+    folder, its DICOM SEG): each is written atomically, in that order. ``overwrite`` recomputes every case.
+    """
+    remove_stale_temporaries(output_dir)
+    if overwrite:
+        return list(entries)
+    out = Path(output_dir)
+
+    def done(entry: dict) -> bool:
+        name = case_name(entry["image"])
+        outputs = [f"{name}_anomaly_map.nii.gz"]
+        if threshold is not None:
+            outputs.append(f"{name}_anomaly_mask.nii.gz")
+            if Path(entry["image"]).is_dir():
+                outputs.append(f"{Path(entry['image']).name}_anomaly_seg.dcm")
+        return all((out / o).is_file() for o in outputs)
+
+    pending = [e for e in entries if not done(e)]
+    if len(pending) < len(entries):
+        logger.warning(
+            "%d of %d case(s) already have their outputs in %s: skipped (set overwrite true to recompute them)",
+            len(entries) - len(pending),
+            len(entries),
+            out,
+        )
+    return pending
+
+
 def dicom_series_geometry(folder: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
     """Shape and RAS affine of the one DICOM series in ``folder``, as ``LoadImage`` (ITK) will read it.
 
@@ -338,16 +405,16 @@ def dicom_series_geometry(folder: str | os.PathLike) -> tuple[tuple[int, ...], n
     names.SetDirectory(str(folder))
     series = list(names.GetSeriesUIDs())
     if not series:
-        raise ValueError(f"{folder}: a folder, but no DICOM series in it (expected the files of one DICOM series)")
+        raise InputError(f"{folder}: a folder, but no DICOM series in it (expected the files of one DICOM series)")
     if len(series) > 1:
-        raise ValueError(
+        raise InputError(
             f"{folder}: {len(series)} DICOM series in one folder ({', '.join(series)}); give a folder with one series"
         )
     reader = ITKReader()
     try:
         data, meta = reader.get_data(reader.read(str(folder)))
     except RuntimeError as e:
-        raise ValueError(f"{folder}: not a readable DICOM series ({e})") from e
+        raise InputError(f"{folder}: not a readable DICOM series ({e})") from e
     return tuple(int(n) for n in data.shape), np.asarray(meta["affine"])
 
 
@@ -363,7 +430,7 @@ def image_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray
     if path.is_dir():
         return dicom_series_geometry(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise MissingInputError(f"image file not found: {path}")
     name = path.name.lower()
     try:
         if name.endswith(".png"):
@@ -373,8 +440,125 @@ def image_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray
             img = nib.load(path)
             return tuple(int(s) for s in img.shape), img.affine
     except (OSError, UnidentifiedImageError, nib.filebasedimages.ImageFileError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from e
-    raise ValueError(f"{path}: unsupported image format (expected one of {IMAGE_SUFFIXES})")
+        raise InputError(f"{path}: not a readable image ({e})") from e
+    raise InputError(f"{path}: unsupported image format (expected one of {IMAGE_SUFFIXES})")
+
+
+def image_array(path: str | os.PathLike) -> np.ndarray:
+    """The voxels of an image file (NIfTI, PNG) or of the DICOM series in a folder, as stored (no reorientation)."""
+    path = Path(path)
+    if path.is_dir():
+        from monai.data import ITKReader
+
+        reader = ITKReader()
+        return np.asarray(reader.get_data(reader.read(str(path)))[0])
+    if path.name.lower().endswith(".png"):
+        with Image.open(path) as im:
+            return np.asarray(im)
+    return np.asanyarray(nib.load(path).dataobj)
+
+
+def _check_contents(entry: dict) -> None:
+    """Voxel checks of one entry: a finite, non-constant image; a finite, binary, non-empty brain mask; a finite
+    segmentation (labels other than 0/1 are logged: any label > 0 is lesion)."""
+    for key in ("image", "mask", "seg"):
+        if not entry.get(key):
+            continue
+        array = image_array(entry[key])
+        if not np.issubdtype(array.dtype, np.number):
+            raise InputError(f"{entry[key]}: {key} voxels of type {array.dtype} are not numbers")
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad = int((~np.isfinite(array)).sum())
+            raise InputError(f"{entry[key]}: {key} contains NaN or infinite values ({bad} voxels)")
+        if key == "image" and array.min() == array.max():
+            raise InputError(f"{entry[key]}: constant image (every voxel is {array.flat[0]}): nothing to reconstruct")
+        if key == "mask":
+            inside = array[array != 0]
+            if inside.size == 0:
+                raise InputError(f"{entry[key]}: brain mask is empty (no voxel > 0)")
+            if inside.min() != inside.max() or inside.min() < 0:
+                raise InputError(
+                    f"{entry[key]}: brain mask is not binary (values from {array.min():g} to {array.max():g}; a "
+                    "probability map?): give a 0/1 mask, e.g. thresholded at 0.5"
+                )
+        if key == "seg":
+            labels = np.unique(array[array != 0])
+            if labels.size and not np.array_equal(labels, [1]):
+                logger.warning(
+                    "%s: segmentation labels %s binarised: every label > 0 counts as lesion",
+                    entry[key],
+                    [f"{v:g}" for v in labels[:8]],
+                )
+
+
+def check_cases(splits: dict[str, Sequence[dict]], reference: dict[str, Sequence[dict]] | None = None) -> int:
+    """The start-up pass over every case of a run, before any long work: files and geometries
+    (:func:`validate_entries`) and voxels (finite, non-constant images; binary, non-empty brain masks; segmentation
+    labels), with a progress bar; then a warning for each pair of splits that share cases.
+
+    Args:
+        splits: the entries of each split the run uses, ``{"training": [...], "validation": [...]}``.
+        reference: splits only compared with, not read (e.g. the training split at evaluation).
+
+    Returns:
+        the number of cases checked.
+
+    Raises:
+        InputError: naming the file and the problem.
+    """
+    entries = [e for split in splits.values() for e in split]
+    for name, split in splits.items():
+        if not split:
+            raise InputError(f"the {name} split has no cases (empty data set)")
+    validate_entries(entries)
+    for entry in tqdm(entries, desc="checking data", unit="case", disable=len(entries) < 10):
+        _check_contents(entry)
+    named = {**splits, **(reference or {})}
+    names = list(named)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            shared = _shared_cases(named[a], named[b])
+            if shared:
+                logger.warning(
+                    "%d case(s) are in both the %s and the %s split (%s%s): results on them are not held out (the "
+                    "reference splits of the cDDPM data have such overlaps)",
+                    len(shared),
+                    a,
+                    b,
+                    ", ".join(shared[:5]),
+                    " ..." if len(shared) > 5 else "",
+                )
+    logger.info("checked %d case(s): %s", len(entries), ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    return len(entries)
+
+
+def _shared_cases(a: Sequence[dict], b: Sequence[dict]) -> list[str]:
+    """Names of the cases of ``b`` that are in ``a`` too: the same image file, or the same case name."""
+    files = {os.path.realpath(e["image"]) for e in a}
+    names = {e.get("name", case_name(e["image"])) for e in a}
+    return sorted(
+        e.get("name", case_name(e["image"]))
+        for e in b
+        if os.path.realpath(e["image"]) in files or e.get("name", case_name(e["image"])) in names
+    )
+
+
+def training_reference(
+    dataset_dir: str | os.PathLike | None,
+    datalist: str | os.PathLike | None,
+    contrast: str | None = "t2",
+    healthy_set: str = "IXI",
+    split: str = "train_fold0",
+) -> dict[str, list[dict]]:
+    """``{"training": entries}`` of the training split next to an evaluation's data (the datalist's ``training``
+    section, or the seed layout's ``<healthy_set>_<split>.csv``), to warn about test cases trained on; ``{}`` when
+    the data have none."""
+    if datalist:
+        content = json.loads(Path(datalist).read_text())
+        return {"training": load_datalist(datalist, "training")} if "training" in content else {}
+    if dataset_dir and split_csv_path(dataset_dir, healthy_set, split).is_file():
+        return {"training": load_split_csv(split_csv_path(dataset_dir, healthy_set, split), dataset_dir, contrast)}
+    return {}
 
 
 def validate_entries(entries: Sequence[dict], atol: float = 1e-3) -> None:
@@ -387,17 +571,17 @@ def validate_entries(entries: Sequence[dict], atol: float = 1e-3) -> None:
         shape, affine = image_geometry(entry["image"])
         spatial = shape[:3] if len(shape) == 4 and shape[3] == 1 else shape
         if len(spatial) not in (2, 3):
-            raise ValueError(f"{entry['image']}: expected a 2D or 3D image, got shape {shape}")
+            raise InputError(f"{entry['image']}: expected a 2D or 3D image, got shape {shape} (a 4D series?)")
         for key in ("mask", "seg"):
             if not entry.get(key):
                 continue
             other_shape, other_affine = image_geometry(entry[key])
             if other_shape != shape:
-                raise ValueError(
+                raise InputError(
                     f"{entry[key]}: {key} shape {other_shape} does not match image {entry['image']} {shape}"
                 )
             if affine is not None and other_affine is not None and not np.allclose(affine, other_affine, atol=atol):
-                raise ValueError(
+                raise InputError(
                     f"{entry[key]}: {key} geometry (affine) does not match image {entry['image']}:\n"
                     f"{np.round(other_affine, 3)}\nvs\n{np.round(affine, 3)}"
                 )

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from .io import atomic_output
+from .files import atomic_output
 
 __all__ = [
     "average_precision",
