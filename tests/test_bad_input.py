@@ -167,6 +167,20 @@ MATRIX = [
         r"datalist\.json: no section '(training|validation|test)'",
     ),
     Row(
+        "same_name",
+        "two inputs of one case name in different folders (outputs would overwrite each other)",
+        "error: `<file>: same case name '<name>' as <other file>; the outputs would overwrite each other`",
+        ("inference",),
+        r"other/lesion1_t2\.nii\.gz: same case name 'lesion1_t2' as .*data/lesion1_t2\.nii\.gz",
+    ),
+    Row(
+        "empty_validation",
+        "an empty validation list (MONAI Label's train task with `val_split` 0)",
+        "warning: `the validation split has no cases: it is skipped`; training keeps its final weights as `model.pt`",
+        ("train",),
+        test="test_an_empty_validation_list_is_skipped_with_a_warning",
+    ),
+    Row(
         "missing_dataset_dir",
         "a `dataset_dir` that does not exist",
         "error: `dataset_dir not found: <path>`",
@@ -299,6 +313,9 @@ def bad_case(row: str, folder: Path) -> dict:
         case["mask"] = save(
             folder / "soft_mask.nii.gz", (mask * 0.9 * np.linspace(0.1, 1, SHAPE[2])).astype(np.float32)
         )
+    elif row == "same_name":
+        (folder / "other").mkdir()
+        case = good_case(folder / "other", "lesion1", seed=11)
     elif row == "seg_labels":
         labels = np.zeros(SHAPE, np.uint8)
         labels[10:12, 10:12, 2:6] = [1, 2, 4, 1]
@@ -606,6 +623,17 @@ def test_nan_loss_stops_training_keeping_the_last_good_checkpoint(demo_cohort, t
         state = state.get("network", state)
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), name
     assert not (models / "checkpoint_checkpoint_epoch=2.pt").exists()
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_an_empty_validation_list_is_skipped_with_a_warning(bundle, tmp_path, bundle_imports, caplog):
+    bundle_imports(bundle)
+    datalist = datalist_folder(tmp_path, "")
+    overrides = command_overrides("train", {"datalist": str(datalist)}, tmp_path)
+    flow = workflow(bundle, "train", {**overrides, "validate#dataset#data": []})  # as MONAI Label overrides it
+    with caplog.at_level(logging.WARNING):
+        flow.initialize()
+    assert "the validation split has no cases: it is skipped" in caplog.text
 
 
 def test_readme_table_is_the_matrix():

@@ -134,16 +134,24 @@ def test_inference_killed_leaves_no_partial_file_and_resumes(many_cases, tmp_pat
     assert all((out / n).read_bytes() == data for n, data in written.items() if n.split("_anomaly_")[0] in finished)
 
 
-def test_pending_cases_skips_done_cases_unless_overwrite(tmp_path):
+def test_pending_cases_skips_done_cases_of_the_same_run_key_unless_overwrite(tmp_path):
     from uad.data import pending_cases
 
-    entries = [{"image": str(tmp_path / f"c{i}.nii.gz")} for i in range(3)]
-    (tmp_path / "c0_anomaly_map.nii.gz").write_bytes(b"x")
-    (tmp_path / "c1_anomaly_map.nii.gz").write_bytes(b"x")
-    (tmp_path / "c1_anomaly_mask.nii.gz").write_bytes(b"x")
-    assert [e["image"] for e in pending_cases(entries, tmp_path)] == [entries[2]["image"]]
-    assert pending_cases(entries, tmp_path, threshold=0.1) == [entries[0], entries[2]]  # c0 lacks its mask
-    assert pending_cases(entries, tmp_path, threshold=0.1, overwrite=True) == entries
+    out = tmp_path / "out"
+    entries = []
+    for i in range(3):
+        (tmp_path / f"c{i}.nii.gz").write_bytes(b"input")
+        entries.append({"image": str(tmp_path / f"c{i}.nii.gz")})
+    assert pending_cases(entries, out, key="w1") == entries  # nothing written yet; the run key is stored
+    for name in ("c0_anomaly_map", "c1_anomaly_map", "c1_anomaly_mask"):
+        (out / f"{name}.nii.gz").write_bytes(b"output")
+    assert pending_cases(entries, out, key="w1") == [entries[2]]
+    assert pending_cases(entries, out, threshold=0.1, key="w1") == [entries[0], entries[2]]  # c0 lacks its mask
+    assert pending_cases(entries, out, threshold=0.1, overwrite=True, key="w1") == entries
+    later = time.time() + 60
+    os.utime(entries[1]["image"], (later, later))  # an input written again after its outputs
+    assert pending_cases(entries, out, key="w1") == [entries[1], entries[2]]
+    assert pending_cases(entries, out, key="w2") == entries  # other weights or settings: all again
 
 
 def test_evaluation_cases_are_cached_per_weights_and_settings(tmp_path):
@@ -162,12 +170,16 @@ def test_evaluation_cases_are_cached_per_weights_and_settings(tmp_path):
         image[:, 2:6, 2:6] = float(entry["name"][-1]) + 1
         return {"image": image, "mask": (image > 0).float()}
 
-    entries = [{"image": f"/data/c{i}.nii.gz", "name": f"c{i}"} for i in range(3)]
+    entries = []
+    for i in range(3):
+        (tmp_path / f"c{i}.nii.gz").write_bytes(b"input")  # the cache names a case by its files' paths and stats
+        entries.append({"image": str(tmp_path / f"c{i}.nii.gz"), "name": f"c{i}"})
+    cache = tmp_path / "cases"
     net = torch.nn.Identity()
-    first = collect_cases(entries, preprocessing, inferer, net, "cpu", cache_dir=tmp_path, cache_key="w1")
-    again = collect_cases(entries, preprocessing, inferer, net, "cpu", cache_dir=tmp_path, cache_key="w1")
-    assert len(calls) == 3 and len(list(tmp_path.glob("*.npz"))) == 3
+    first = collect_cases(entries, preprocessing, inferer, net, "cpu", cache_dir=cache, cache_key="w1")
+    again = collect_cases(entries, preprocessing, inferer, net, "cpu", cache_dir=cache, cache_key="w1")
+    assert len(calls) == 3 and len(list(cache.glob("*.npz"))) == 3
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in ("image", "anomaly_map"))
-    collect_cases(entries, preprocessing, inferer, net, "cpu", cache_dir=tmp_path, cache_key="w2")
-    collect_cases(entries, preprocessing, inferer, net, "cpu", cache_dir=tmp_path, cache_key="w2", recompute=True)
+    collect_cases(entries, preprocessing, inferer, net, "cpu", cache_dir=cache, cache_key="w2")
+    collect_cases(entries, preprocessing, inferer, net, "cpu", cache_dir=cache, cache_key="w2", recompute=True)
     assert len(calls) == 9

@@ -4,6 +4,7 @@ killed runs removed, and file digests. Standard library only, so every layer (da
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_output", "atomic_path", "file_digest", "remove_stale_temporaries"]
+__all__ = ["atomic_output", "atomic_path", "file_digest", "remove_stale_temporaries", "settings_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,3 +72,27 @@ def file_digest(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _settings(value: object, depth: int) -> object:
+    """The plain values that define an object: numbers, strings, sequences, mappings, array bytes (as digests), and
+    the attributes of other objects down to ``depth`` levels; modules with parameters (networks) are left out."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_settings(v, depth) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _settings(v, depth) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a tensor
+        return hashlib.sha256(value.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    if depth == 0 or callable(getattr(value, "parameters", None)) and any(True for _ in value.parameters()):
+        return type(value).__name__
+    attributes = {k: v for k, v in vars(value).items() if not k.startswith("__")} if hasattr(value, "__dict__") else {}
+    return {"type": type(value).__name__, **{k: _settings(v, depth - 1) for k, v in sorted(attributes.items())}}
+
+
+def settings_digest(*objects: object, depth: int = 3) -> str:
+    """SHA-256 of the settings of ``objects`` (e.g. an inferer with its scheduler and noise): two objects built from
+    the same config values have the same digest; any changed value changes it."""
+    text = json.dumps([_settings(o, depth) for o in objects], sort_keys=True, default=lambda v: type(v).__name__)
+    return hashlib.sha256(text.encode()).hexdigest()

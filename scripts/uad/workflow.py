@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import shutil
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ def _load_case(path: Path, key: str) -> dict[str, Any] | None:
             if str(f["cache_key"]) != key:
                 return None
             return {"name": str(f["name"]), **{k: f[k] if k in f else None for k in CASE_ARRAYS}}
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         logger.warning("%s: unreadable cached case, inferring it again (%s)", path, e)
         return None
 
@@ -125,8 +126,10 @@ def collect_cases(
 
 
 def _case_path(cache_dir: str | os.PathLike, entry: dict) -> Path:
-    """Where :func:`collect_cases` keeps an entry's case: named after the case and a digest of its files."""
-    files = "|".join(str(entry.get(k, "")) for k in ("image", "mask", "seg"))
+    """Where :func:`collect_cases` keeps an entry's case: named after the case and a digest of its files (paths, sizes,
+    modification times, so that a file written again is inferred again)."""
+    stats = {k: os.stat(entry[k]) for k in ("image", "mask", "seg") if entry.get(k)}
+    files = "|".join(f"{entry[k]}:{st.st_size}:{st.st_mtime_ns}" for k, st in stats.items())
     return (
         Path(cache_dir)
         / f"{entry.get('name', case_name(entry['image']))}-{hashlib.sha1(files.encode()).hexdigest()[:8]}.npz"

@@ -42,6 +42,7 @@ __all__ = [
     "dicom_series_geometry",
     "evaluation_entries",
     "evaluation_sets",
+    "evaluation_splits",
     "image_array",
     "image_geometry",
     "inference_entries",
@@ -122,9 +123,8 @@ def _resolve(base: Path, value: str) -> str:
 
 
 def _outside(root: Path, value: str) -> bool:
-    """Whether a split CSV path resolves outside ``root``."""
-    resolved = Path(_resolve(root, value)).resolve()
-    return not resolved.is_relative_to(root.resolve())
+    """Whether a split CSV path lies outside ``root`` (as written: symbolic links inside it are fine)."""
+    return not Path(os.path.abspath(_resolve(root, value))).is_relative_to(os.path.abspath(root))
 
 
 def load_split_csv(csv_path: str | os.PathLike, data_dir: str | os.PathLike | None = None, contrast: str | None = None):
@@ -355,31 +355,52 @@ def inference_entries(
     return dataset_entries(dataset_dir, datalist, key, contrast, set_name, split)
 
 
+INFERENCE_KEY_FILE = ".inference_key.json"
+
+
+def _mtime(path: str | os.PathLike) -> float:
+    return os.stat(path).st_mtime
+
+
 def pending_cases(
     entries: Sequence[dict],
     output_dir: str | os.PathLike,
     threshold: float | None = None,
     overwrite: bool = False,
+    key: str = "",
 ) -> list[dict]:
     """The entries whose inference outputs are not all in ``output_dir`` yet, so that a run started again after an
     interruption goes on where it stopped; temporary files of the interrupted run are removed first.
 
     A case is done when its anomaly map exists and, with a calibrated ``threshold``, its mask (and, for a DICOM series
-    folder, its DICOM SEG): each is written atomically, in that order. ``overwrite`` recomputes every case.
+    folder, its DICOM SEG), each newer than the case's input files: they are written atomically, in that order. The
+    outputs count only when ``key`` (the weights, threshold and settings of this run) is the one stored in
+    ``output_dir`` (``.inference_key.json``, written when the key changes) and they are newer than it; ``overwrite``
+    recomputes every case.
     """
-    remove_stale_temporaries(output_dir)
+    out = Path(output_dir)
+    remove_stale_temporaries(out)
+    key_file = out / INFERENCE_KEY_FILE
+    stored = json.loads(key_file.read_text()).get("key") if key_file.is_file() else None
+    if stored != key:  # stored once per key: outputs older than the file belong to another run
+        if any(out.glob("*_anomaly_map.nii.gz")) and not overwrite:
+            logger.warning("%s holds outputs of other weights or settings: every case is inferred again", out)
+        with atomic_output(key_file) as tmp:
+            tmp.write_text(json.dumps({"key": key}) + "\n")
+        return list(entries)
     if overwrite:
         return list(entries)
-    out = Path(output_dir)
+    since = _mtime(key_file)
 
     def done(entry: dict) -> bool:
         name = case_name(entry["image"])
-        outputs = [f"{name}_anomaly_map.nii.gz"]
+        outputs = [out / f"{name}_anomaly_map.nii.gz"]
         if threshold is not None:
-            outputs.append(f"{name}_anomaly_mask.nii.gz")
+            outputs.append(out / f"{name}_anomaly_mask.nii.gz")
             if Path(entry["image"]).is_dir():
-                outputs.append(f"{Path(entry['image']).name}_anomaly_seg.dcm")
-        return all((out / o).is_file() for o in outputs)
+                outputs.append(out / f"{Path(entry['image']).name}_anomaly_seg.dcm")
+        inputs = [entry[k] for k in ENTRY_KEYS if entry.get(k)]
+        return all(o.is_file() for o in outputs) and min(map(_mtime, outputs)) >= max(since, *map(_mtime, inputs))
 
     pending = [e for e in entries if not done(e)]
     if len(pending) < len(entries):
@@ -491,7 +512,12 @@ def _check_contents(entry: dict) -> None:
                 )
 
 
-def check_cases(splits: dict[str, Sequence[dict]], reference: dict[str, Sequence[dict]] | None = None) -> int:
+def check_cases(
+    splits: dict[str, Sequence[dict]],
+    reference: dict[str, Sequence[dict]] | None = None,
+    optional: Sequence[str] = (),
+    unique_names: bool = False,
+) -> int:
     """The start-up pass over every case of a run, before any long work: files and geometries
     (:func:`validate_entries`) and voxels (finite, non-constant images; binary, non-empty brain masks; segmentation
     labels), with a progress bar; then a warning for each pair of splits that share cases.
@@ -499,6 +525,8 @@ def check_cases(splits: dict[str, Sequence[dict]], reference: dict[str, Sequence
     Args:
         splits: the entries of each split the run uses, ``{"training": [...], "validation": [...]}``.
         reference: splits only compared with, not read (e.g. the training split at evaluation).
+        optional: splits that may be empty (a warning; e.g. validation, which training then skips).
+        unique_names: refuse two cases of one name (inference writes ``<name>_anomaly_map.nii.gz``).
 
     Returns:
         the number of cases checked.
@@ -506,10 +534,21 @@ def check_cases(splits: dict[str, Sequence[dict]], reference: dict[str, Sequence
     Raises:
         InputError: naming the file and the problem.
     """
-    entries = [e for split in splits.values() for e in split]
     for name, split in splits.items():
-        if not split:
+        if not split and name not in optional:
             raise InputError(f"the {name} split has no cases (empty data set)")
+        if not split:
+            logger.warning("the %s split has no cases: it is skipped", name)
+    entries = list({id(e): e for split in splits.values() for e in split}.values())
+    if unique_names:
+        seen: dict[str, str] = {}
+        for e in entries:
+            name = case_name(e["image"])
+            if seen.setdefault(name, e["image"]) != e["image"]:
+                raise InputError(
+                    f"{e['image']}: same case name {name!r} as {seen[name]}; the outputs would overwrite each other "
+                    "(give the files distinct names)"
+                )
     validate_entries(entries)
     for entry in tqdm(entries, desc="checking data", unit="case", disable=len(entries) < 10):
         _check_contents(entry)
@@ -532,6 +571,16 @@ def check_cases(splits: dict[str, Sequence[dict]], reference: dict[str, Sequence
     return len(entries)
 
 
+def evaluation_splits(sets: dict[str, tuple[Sequence[dict], Sequence[dict]]]) -> dict[str, list[dict]]:
+    """``{"validation": [...], "test": [...]}`` of :func:`evaluation_sets`' sets, each case once (sets share their
+    healthy validation cases), for :func:`check_cases`."""
+    splits: dict[str, dict[tuple, dict]] = {"validation": {}, "test": {}}
+    for pair in sets.values():
+        for split, cases in zip(splits, pair, strict=True):
+            splits[split].update({(e["image"], e.get("mask"), e.get("seg")): e for e in cases})
+    return {split: list(cases.values()) for split, cases in splits.items()}
+
+
 def _shared_cases(a: Sequence[dict], b: Sequence[dict]) -> list[str]:
     """Names of the cases of ``b`` that are in ``a`` too: the same image file, or the same case name."""
     files = {os.path.realpath(e["image"]) for e in a}
@@ -548,11 +597,12 @@ def training_reference(
     datalist: str | os.PathLike | None,
     contrast: str | None = "t2",
     healthy_set: str = "IXI",
-    split: str = "train_fold0",
+    healthy_split: str = "val_fold0",
 ) -> dict[str, list[dict]]:
     """``{"training": entries}`` of the training split next to an evaluation's data (the datalist's ``training``
-    section, or the seed layout's ``<healthy_set>_<split>.csv``), to warn about test cases trained on; ``{}`` when
-    the data have none."""
+    section, or the seed layout's ``<healthy_set>_train_foldK.csv`` of the fold of ``healthy_split``), to warn about
+    test cases trained on; ``{}`` when the data have none."""
+    split = healthy_split.replace("val", "train", 1)
     if datalist:
         content = json.loads(Path(datalist).read_text())
         return {"training": load_datalist(datalist, "training")} if "training" in content else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -165,6 +166,7 @@ class ResizeToGridd(ResizeWithPadOrCropd):
     def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], **kwargs) -> None:
         super().__init__(keys, spatial_size, **kwargs)
         self.grid = tuple(int(s) for s in spatial_size)
+        self._lock = threading.Lock()
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict[Hashable, torch.Tensor]:
         image = data[self.first_key(data)]
@@ -175,9 +177,10 @@ class ResizeToGridd(ResizeWithPadOrCropd):
                 "the 2D protocol): give 2D slices, or an image_size with the volume's depth"
             )
         size = (*self.grid[:-1], 1 if depth == 1 else self.grid[-1])
-        self.padder.padder.spatial_size = size
-        self.padder.cropper.roi_size = size
-        return super().__call__(data, lazy)
+        with self._lock:  # CacheDataset fills its cache from a thread pool: one size at a time
+            self.padder.padder.spatial_size = size
+            self.padder.cropper.roi_size = size
+            return super().__call__(data, lazy)
 
 
 class DeriveBrainMaskd(MapTransform):
