@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from typing import Any
 
 import make_demo_data
 from benchmarking import BUNDLES, header, markdown_table, write_report
+from run_demo import bundle_command
 
 
 def case_datalist(cohort: Path, n: int, folder: Path) -> Path:
@@ -121,16 +121,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         datalist = case_datalist(cohort, args.cases, work)
         out_dir = work / "maps"
         overrides = {"datalist": str(datalist), "output_dir": str(out_dir), **json.loads(args.override)}
-        cmd = [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "--config_file",
-            '["configs/inference.json", "configs/demo.json"]',
-        ]
-        for key, value in overrides.items():
-            cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        cmd = bundle_command(["configs/inference.json", "configs/demo.json"], overrides)
         result = monitor(cmd, BUNDLES[args.bundle], out_dir, args.marks)
     first, last = result["marks"][0], result["marks"][-1]
     result["cases_per_minute"] = 60 * (last["cases"] - first["cases"]) / max(last["seconds"] - first["seconds"], 1e-9)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import socket
@@ -14,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmarking import bundle_context
 from monai.bundle import ConfigParser
+from run_demo import bundle_command
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_IXI = REPO.parent / "shared" / "data" / "ixi_t1_axial"
@@ -122,22 +123,19 @@ def run_bundle(
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
-    root, level, cwd, path = logging.getLogger(), logging.getLogger().level, os.getcwd(), list(sys.path)
+    root, level, cwd = logging.getLogger(), logging.getLogger().level, os.getcwd()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    _forget_scripts()
-    sys.path.insert(0, str(REPO / bundle))
     os.chdir(REPO / bundle)
     streams = {h: h.setStream(out) for h in _stream_handlers()}  # loggers with their own (MONAI's get_logger)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            run(config_file=configs, logging_file=False, **kwargs)
+        with bundle_context(bundle.removesuffix("_bundle")), contextlib.redirect_stdout(out):
+            with contextlib.redirect_stderr(out):
+                run(config_file=configs, logging_file=False, **kwargs)
     except Exception as e:
         raise AssertionError(f"monai.bundle run {configs} {overrides} failed:\n{out.getvalue()[-6000:]}") from e
     finally:
         os.chdir(cwd)
-        sys.path[:] = path
-        _forget_scripts()
         root.removeHandler(handler)
         root.setLevel(level)
         for h in _stream_handlers():  # back to where they wrote, or, made during the run, to this process's stdout
@@ -154,16 +152,10 @@ def _stream_handlers() -> list[logging.StreamHandler]:
     return [h for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler]
 
 
-def _forget_scripts() -> None:
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-
-
 def _run_torchrun(bundle: str, configs: list[str], overrides: dict, timeout: int, nproc: int):
+    python, *command = bundle_command(configs, overrides)
     launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
-    cmd = [sys.executable, *launcher, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    cmd = [python, *launcher, *command]
     env = subprocess_env()
     result = subprocess.run(cmd, cwd=REPO / bundle, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:

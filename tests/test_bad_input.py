@@ -14,7 +14,6 @@ import logging
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_GRID, subprocess_env
 from PIL import Image
+from run_demo import bundle_command
 
 BUNDLES = ("cddpm_bundle", "autoddpm_bundle")
 COMMANDS = ("train", "inference", "evaluate")
@@ -438,9 +438,7 @@ def test_bad_input_in_every_command(row, bundle, demo_cohort, tmp_path, bundle_i
 
 def cli(bundle: str, configs: list[str], overrides: dict) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run`` as a user types it; returns the finished process (it may fail)."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    cmd = bundle_command(configs, overrides)
     return subprocess.run(cmd, cwd=REPO / bundle, capture_output=True, text=True, timeout=300, env=subprocess_env())
 
 

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,20 +17,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_CDDPM_NETS, TINY_GRID, TINY_RUN, subprocess_env
-
-
-def command(configs: list[str], overrides: dict) -> list[str]:
-    cmd = [sys.executable, "-u", "-m", "monai.bundle", "run", "--config_file", json.dumps(configs)]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    return cmd
+from run_demo import bundle_command
 
 
 def run_until(cmd: list[str], cwd: Path, stop: Callable[[str], bool] | None = None, timeout: float = 300):
     """Run ``cmd``; SIGKILL it as soon as ``stop(output so far)`` is true (polled). Returns (exit code, output)."""
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env()
-    )
+    env = {**subprocess_env(), "PYTHONUNBUFFERED": "1"}  # its log lines as they are written
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     chunks: list[str] = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
     reader.start()
@@ -76,7 +68,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_iteration_count(demo_coho
     models, logs = tmp_path / "models", tmp_path / "logs"
     overrides = {**TINY_RUN, **TINY_CDDPM_NETS, "epochs": 3, "batch_size": 1, "val_interval": 1}  # 4 steps an epoch
     overrides.update({"dataset_dir": str(demo_cohort), "ckpt_dir": str(models), "output_dir": str(logs)})
-    cmd = command(["configs/train.json", "configs/demo.json"], overrides)
+    cmd = bundle_command(["configs/train.json", "configs/demo.json"], overrides)
     code, first = run_until(cmd, REPO / "cddpm_bundle", stop=re.compile(r"Epoch: 2/3, Iter: 1/4").search)
     assert code == -signal.SIGKILL, first[-3000:]
     assert (models / "checkpoint_checkpoint_epoch=1.pt").is_file()
@@ -113,7 +105,7 @@ def test_inference_killed_leaves_no_partial_file_and_resumes(many_cases, tmp_pat
     infers only the cases left (the written ones keep their bytes), removing the killed run's temporary files."""
     out = tmp_path / "out"
     overrides = {**TINY_GRID, "datalist": str(many_cases), "output_dir": str(out), "num_workers": 0}
-    cmd = command(["configs/inference.json", "configs/demo.json"], {**overrides, "cpu_backend": "torch"})
+    cmd = bundle_command(["configs/inference.json", "configs/demo.json"], {**overrides, "cpu_backend": "torch"})
     code, first = run_until(cmd, REPO / "cddpm_bundle", stop=lambda _: any(out.glob("*_anomaly_mask.nii.gz")))
     assert code == -signal.SIGKILL, first[-3000:]
     written = {p.name: p.read_bytes() for p in out.glob("*_anomaly_*.nii.gz")}

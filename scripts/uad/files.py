@@ -67,11 +67,8 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes (e.g. the weights a cached result was computed with)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _settings(value: object, depth: int) -> object:

@@ -76,7 +76,7 @@ def collect_cases(
 
     ``healthy_memo`` (shared by calls with the same network and inferer) keeps the cases of entries without ``seg``:
     an entry found there is not inferred again (e.g. the healthy validation volumes of several test sets).
-    With ``cache_dir`` each inferred case is saved there (``<name>.npz``), and a case saved with the same
+    With ``cache_dir`` each inferred case is saved there (:func:`_case_path`), and a case saved with the same
     ``cache_key`` (the weights and settings) is read back instead of inferred: an interrupted evaluation goes on
     where it stopped; ``recompute`` infers every case again (and saves it). ``may_be_zero``: see
     :func:`~uad.transforms.check_anomaly_map`.

@@ -358,10 +358,6 @@ def inference_entries(
 INFERENCE_KEY_FILE = ".inference_key.json"
 
 
-def _mtime(path: str | os.PathLike) -> float:
-    return os.stat(path).st_mtime
-
-
 def pending_cases(
     entries: Sequence[dict],
     output_dir: str | os.PathLike,
@@ -390,7 +386,7 @@ def pending_cases(
         return list(entries)
     if overwrite:
         return list(entries)
-    since = _mtime(key_file)
+    since = os.path.getmtime(key_file)
 
     def done(entry: dict) -> bool:
         name = case_name(entry["image"])
@@ -399,8 +395,10 @@ def pending_cases(
             outputs.append(out / f"{name}_anomaly_mask.nii.gz")
             if Path(entry["image"]).is_dir():
                 outputs.append(out / f"{Path(entry['image']).name}_anomaly_seg.dcm")
+        if not all(o.is_file() for o in outputs):
+            return False
         inputs = [entry[k] for k in ENTRY_KEYS if entry.get(k)]
-        return all(o.is_file() for o in outputs) and min(map(_mtime, outputs)) >= max(since, *map(_mtime, inputs))
+        return min(map(os.path.getmtime, outputs)) >= max(since, *map(os.path.getmtime, inputs))
 
     pending = [e for e in entries if not done(e)]
     if len(pending) < len(entries):
@@ -420,7 +418,6 @@ def dicom_series_geometry(folder: str | os.PathLike) -> tuple[tuple[int, ...], n
         ValueError: the folder holds no DICOM series, or more than one (each is named by its series UID).
     """
     import itk
-    from monai.data import ITKReader
 
     names = itk.GDCMSeriesFileNames.New()
     names.SetDirectory(str(folder))
@@ -431,12 +428,19 @@ def dicom_series_geometry(folder: str | os.PathLike) -> tuple[tuple[int, ...], n
         raise InputError(
             f"{folder}: {len(series)} DICOM series in one folder ({', '.join(series)}); give a folder with one series"
         )
+    data, meta = _read_dicom_series(folder)
+    return tuple(int(n) for n in data.shape), np.asarray(meta["affine"])
+
+
+def _read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Voxels and metadata of the DICOM series in ``folder``, read as ``LoadImage`` (ITK) reads it."""
+    from monai.data import ITKReader
+
     reader = ITKReader()
     try:
-        data, meta = reader.get_data(reader.read(str(folder)))
+        return reader.get_data(reader.read(str(folder)))
     except RuntimeError as e:
         raise InputError(f"{folder}: not a readable DICOM series ({e})") from e
-    return tuple(int(n) for n in data.shape), np.asarray(meta["affine"])
 
 
 def image_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray | None]:
@@ -469,10 +473,7 @@ def image_array(path: str | os.PathLike) -> np.ndarray:
     """The voxels of an image file (NIfTI, PNG) or of the DICOM series in a folder, as stored (no reorientation)."""
     path = Path(path)
     if path.is_dir():
-        from monai.data import ITKReader
-
-        reader = ITKReader()
-        return np.asarray(reader.get_data(reader.read(str(path)))[0])
+        return np.asarray(_read_dicom_series(path)[0])
     if path.name.lower().endswith(".png"):
         with Image.open(path) as im:
             return np.asarray(im)
