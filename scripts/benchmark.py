@@ -53,10 +53,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from baselines import mean_healthy_image  # noqa: E402
 from benchmarking import BUNDLES, REPO, bundle_context, header, load_config, markdown_table, write_report  # noqa: E402
 from make_demo_data import SIZES  # noqa: E402
 from run_demo import bundle_command, chance_auprc  # noqa: E402
-from uad.baselines import mean_healthy_image  # noqa: E402
 from uad.precision import parse_amp  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -172,18 +172,20 @@ class Dataset:
 
 
 def run_bundle(bundle: str, configs: list[str], log: Path, **overrides) -> tuple[float, float, str]:
-    """``python -m monai.bundle run`` in the bundle folder; returns (wall seconds, peak RSS MB, output).
+    """``python -m monai.bundle run`` in the bundle folder, with the repository's ``scripts/`` on ``PYTHONPATH`` (the
+    baselines' inferer lives there, outside the bundles); returns (wall seconds, peak RSS MB, output).
 
     Fails with the tail of the log when the command fails.
     """
     cmd = bundle_command([c if c.endswith(".json") else f"configs/{c}.json" for c in configs], overrides)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "scripts"), os.getenv("PYTHONPATH")]))}
     logger.info("$ (cd %s && python %s)", BUNDLES[bundle].name, " ".join(cmd[1:]))
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "a") as out:
         out.write("$ " + " ".join(cmd) + "\n")
         out.flush()
-        proc = subprocess.Popen(cmd, cwd=BUNDLES[bundle], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=BUNDLES[bundle], stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     text = log.read_text()
@@ -233,7 +235,7 @@ def ixi_datasets(out: Path, args) -> list[Dataset]:
 
 
 def baseline_config(method: str, dataset: Dataset, work: Path) -> str:
-    """A config file turning the cDDPM evaluation into a baseline (``scripts.uad.baselines``); returns its path."""
+    """A config file turning the cDDPM evaluation into a baseline (``scripts/baselines.py``); returns its path."""
     template = None
     if method == "mean_image":
         template = work / "mean_image.pt"
@@ -244,7 +246,7 @@ def baseline_config(method: str, dataset: Dataset, work: Path) -> str:
                 mean = mean_healthy_image(entries, parser.get_parsed_content("validate#preprocessing"))
             work.mkdir(parents=True, exist_ok=True)
             torch.save(mean, template)
-    inferer = {"_target_": "scripts.uad.baselines.TemplateResidualInferer", "template": template and str(template)}
+    inferer = {"_target_": "baselines.TemplateResidualInferer", "template": template and str(template)}
     extra = {"method": METHODS[method].label, "network_passes_per_slice": 0}
     config = work / f"{method}.json"
     work.mkdir(parents=True, exist_ok=True)
@@ -266,7 +268,7 @@ def train_stage(name: str, method: Method, dataset: Dataset, work: Path, stage: 
             pretrain_keys = {"epochs": 1, "train#trainer#epoch_length": max(args.budget // 2, 1), "val_interval": 1}
             run_bundle(
                 "cddpm",
-                ["pretrain_encoder", "demo"],
+                ["train", "pretrain_encoder", "demo"],
                 work / "pretrain.log",
                 **common,
                 **pretrain_keys,
@@ -286,7 +288,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """The bundle's ``evaluate.json`` on one target; returns the table row."""
     method = METHODS[method_name]
-    configs = ["evaluate", "demo", *method.configs]
+    configs = ["inference", "evaluate", "demo", *method.configs]
     if weights is None:
         configs.append(baseline_config(method_name, dataset, work))
     overrides = {**dataset.overrides, **dataset.targets[target], **method.overrides, **method.eval_overrides}

@@ -48,6 +48,7 @@ from cpu_backends import backend_available, build_backend
 from ignite.engine import Engine
 from uad.backends import example_inputs
 from uad.precision import cpu_bf16_native
+from uad.training import load_weights
 
 VOLUME_SLICES = 50  # the paper's 96x96x50 grid
 COLUMNS = (
@@ -116,8 +117,6 @@ def bundle_network(parser, device: torch.device, demo: bool, root: Path) -> torc
     torch.manual_seed(0)  # the same random weights for every variant
     network = parser.get_parsed_content("network_def")
     if demo:
-        from scripts.uad.training import load_weights
-
         return load_weights(network, root / "models" / "model.pt").to(device).eval()
     with torch.no_grad():
         for param in network.parameters():

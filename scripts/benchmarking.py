@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from monai.bundle import ConfigParser
-from uad.files import atomic_output
+from uad.files import atomic_write_text
 from uad.precision import cpu_bf16_native, cpu_description
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,11 +106,9 @@ def write_report(out_dir: str | os.PathLike, name: str, markdown: str, data: dic
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md_path, json_path = out / f"{name}.md", out / f"{name}.json"
-    with atomic_output(md_path) as tmp:
-        Path(tmp).write_text(markdown + "\n")
-    with atomic_output(json_path) as tmp:
-        report = {"command": command(), "machine": machine(), **data}
-        Path(tmp).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(md_path, markdown + "\n")
+    report = {"command": command(), "machine": machine(), **data}
+    atomic_write_text(json_path, json.dumps(report, indent=2, default=str) + "\n")
     return md_path, json_path
 
 

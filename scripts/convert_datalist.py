@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from uad.data import CONTRASTS, seed_layout_to_datalist
+from datalists import seed_layout_to_datalist
+from uad.data import CONTRASTS
 
 
 def main(argv: list[str] | None = None) -> int:

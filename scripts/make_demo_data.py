@@ -22,14 +22,11 @@ The same ``--seed`` always gives the same images: each subject draws from its ow
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import functools
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -37,8 +34,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from mni152 import MNI152_FILES, mni152_path
 from scipy import ndimage as ndi
-from uad.data import MNI152_FILES, mni152_path
+from uad.files import atomic_output, atomic_write_csv, atomic_write_text
 
 __all__ = [
     "CONTRASTS",
@@ -664,17 +662,9 @@ def _at(target, where: np.ndarray):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _atomic_target(path: Path, suffix: str) -> Path:
-    """A fresh temporary path next to ``path`` (same folder, so that ``os.replace`` is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, dtype=np.int16) -> Path:
-    """Write a NIfTI image atomically (temporary file in the same folder, then ``os.replace``), values unscaled."""
+    """Write a NIfTI image atomically (``uad.files.atomic_output``), values unscaled."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = np.asarray(array)
     if np.issubdtype(np.dtype(dtype), np.integer):
         info = np.iinfo(dtype)
@@ -689,42 +679,9 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     img.header.set_slope_inter(1.0, 0.0)
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    tmp = _atomic_target(path, ".nii.gz" if path.name.endswith(".gz") else ".nii")
-    try:
+    with atomic_output(path) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     return path
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_target(path, "")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_target(path, "")
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(SPLIT_COLUMNS))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def _case_files(set_name: str, name: str, lesion: bool) -> dict[str, str]:
@@ -892,7 +849,7 @@ def build_cohort(
         "shape": list(anatomy["shape"]),
         "files": files,
     }
-    _write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=4) + "\n")
+    atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=4) + "\n")
 
     tasks = [(str(out_dir), seed, i, case, spacing) for i, case in enumerate(plan)]
     results: list[dict] = []
@@ -933,7 +890,7 @@ def build_cohort(
                     "seg_path": case["files"]["seg"] if lesion else "",
                 }
             )
-        _write_csv(out_dir / "splits" / f"{split_name}.csv", rows)
+        atomic_write_csv(out_dir / "splits" / f"{split_name}.csv", rows, SPLIT_COLUMNS)
 
     # --- MONAI datalists (paths relative to the datalist folder)
     for contrast in CONTRASTS:
@@ -942,7 +899,7 @@ def build_cohort(
             "validation": [_datalist_entry(c, contrast, False) for c in splits["IXI_val_fold0"]],
         }
         ixi = {**healthy, "test": [_datalist_entry(c, contrast, False) for c in splits["IXI_test"]]}
-        _write_text(out_dir / "datalists" / f"IXI_{contrast}.json", json.dumps(ixi, indent=4) + "\n")
+        atomic_write_text(out_dir / "datalists" / f"IXI_{contrast}.json", json.dumps(ixi, indent=4) + "\n")
         for set_name in LESION_SETS:
             sections = {
                 "training": healthy["training"],
@@ -950,7 +907,8 @@ def build_cohort(
                 + [_datalist_entry(c, contrast, True) for c in splits[f"{set_name}_val"]],
                 "test": [_datalist_entry(c, contrast, True) for c in splits[f"{set_name}_test"]],
             }
-            _write_text(out_dir / "datalists" / f"{set_name}_{contrast}.json", json.dumps(sections, indent=4) + "\n")
+            path = out_dir / "datalists" / f"{set_name}_{contrast}.json"
+            atomic_write_text(path, json.dumps(sections, indent=4) + "\n")
 
     if figure:
         shown = [("IXI (healthy)", splits["IXI_test"][0] if splits["IXI_test"] else plan[0])]
@@ -980,7 +938,7 @@ def build_cohort(
         "seconds": round(time.time() - start_time, 1),
     }
     manifest.update({"complete": True, "summary": summary})
-    _write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=4) + "\n")
+    atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=4) + "\n")
     return summary
 
 
@@ -1031,15 +989,11 @@ def plot_cohort(data_root: str | os.PathLike, cases: Sequence[tuple[str, dict]],
     fig.suptitle("Synthetic demo cohort (2 mm, lesion outline in red)", fontsize=9)
     fig.tight_layout()
     out_png = Path(out_png)
-    tmp = _atomic_target(out_png, ".png")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out_png)
+        with atomic_output(out_png) as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        with contextlib.suppress(OSError):
-            if tmp.exists():
-                tmp.unlink()
     return out_png
 
 

@@ -7,7 +7,7 @@ Input: ``train/`` and ``val/`` folders of uint8 PNG slices (233 x 197 px, 1 mm, 
 
 Brain masks: all slices share the MNI152 1 mm grid, so the brain mask of nilearn's MNI152 template serves every
 subject. It is computed as ``nilearn.datasets.load_mni152_brain_mask`` does (template T1 / max > 0.2), from the T1
-file bundled in the nilearn wheel (found by ``uad.data.mni152_path``; nothing is downloaded). The axial
+file bundled in the nilearn wheel (found by ``mni152.mni152_path``; nothing is downloaded). The axial
 template slice and in-plane orientation are chosen by correlating the mean IXI slice with every axial template slice
 under the 8 flips/transpositions (those giving the IXI shape when any do; otherwise all 8, centre-cropped/zero-padded
 to it: both grids are 1 mm, so no interpolation is needed). Per subject: template mask (holes filled) AND image > 5 %
@@ -49,9 +49,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from datalists import write_datalist
+from mni152 import MNI152_FILES, mni152_path
 from PIL import Image
 from scipy import ndimage as ndi
-from uad.data import MNI152_FILES, mni152_path, write_datalist
+from uad.files import atomic_output, atomic_write_text
 
 __all__ = ["best_slice", "brain_mask", "build_ixi_benchmark", "insert_lesion", "main", "match_template", "orient"]
 
@@ -211,11 +213,9 @@ def insert_lesion(
 
 def _save(array: np.ndarray, path: Path) -> str:
     """Write a 2D array as an (H, W, 1) NIfTI atomically; returns the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name[:-7]}.tmp{os.getpid()}.nii.gz")
     data = np.ascontiguousarray(array, dtype=np.uint8 if array.dtype == bool else array.dtype)[..., None]
-    nib.save(nib.Nifti1Image(data, AFFINE), tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        nib.save(nib.Nifti1Image(data, AFFINE), tmp)
     return str(path)
 
 
@@ -310,9 +310,7 @@ def build_ixi_benchmark(
         "lesions": lesions,
     }
     manifest = {"generator": "make_ixi_benchmark", "ixi_dir": str(ixi_dir), **summary, "cases": cases}
-    tmp = out / f".manifest.tmp{os.getpid()}.json"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     _figure(shown, out / "ixi_benchmark.png")
     summary["seconds"] = round(time.time() - start, 1)
     summary["out_dir"] = str(out)
@@ -341,10 +339,11 @@ def _figure(shown: list, path: Path) -> None:
         axes[row, 1].set_title(f"{params['polarity']} c={params['contrast']:.2f}, {params['area_px']} px", fontsize=8)
     fig.suptitle("IXI T1 + synthetic lesions (green: brain mask, red: ground truth)", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

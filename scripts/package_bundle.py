@@ -19,6 +19,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from uad.files import atomic_output
+
 REPO = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {"__pycache__", ".pytest_cache", "eval", "runs"}
 
@@ -48,9 +50,10 @@ def check_archive(archive: Path, bundle_name: str) -> None:
             zf.extractall(tmp)
         root = Path(tmp) / bundle_name
         code = (
-            "import glob\nfrom monai.bundle import ConfigParser\n"
-            "for f in ('train', 'inference', 'evaluate'):\n"
-            "    p = ConfigParser(); p.read_config(f'configs/{f}.json'); p.get_parsed_content('network_def')\n"
+            "from monai.bundle import ConfigParser\n"
+            "for files in (['train'], ['inference'], ['inference', 'evaluate']):\n"
+            "    p = ConfigParser(); p.read_config([f'configs/{f}.json' for f in files])\n"
+            "    p.get_parsed_content('network_def')\n"
         )
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env=env)
@@ -63,19 +66,12 @@ def package(bundle: str | os.PathLike, out_dir: str | os.PathLike, with_weights:
     bundle = Path(bundle).resolve()
     if not (bundle / "configs" / "metadata.json").is_file():
         raise FileNotFoundError(f"{bundle}: not a bundle (no configs/metadata.json)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    archive = out_dir / f"{bundle.name}.zip"
-    tmp = out_dir / f".{bundle.name}.zip.tmp"
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for path, name in bundle_files(bundle, with_weights):
-            zf.write(path, name)
-    try:
+    archive = Path(out_dir) / f"{bundle.name}.zip"
+    with atomic_output(archive) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for path, name in bundle_files(bundle, with_weights):
+                zf.write(path, name)
         check_archive(tmp, bundle.name)
-    except RuntimeError:
-        tmp.unlink()
-        raise
-    os.replace(tmp, archive)
     return archive
 
 

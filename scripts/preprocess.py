@@ -30,15 +30,17 @@ import functools
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import itk
 import nibabel as nib
 import numpy as np
+from datalists import write_datalist
+from mni152 import mni152_path
 from tqdm import tqdm
-from uad.data import case_name, load_datalist, mni152_path, write_datalist
+from uad.data import case_name, load_datalist
+from uad.files import atomic_output
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -337,23 +339,15 @@ def register_affine(
 
 # ----------------------------------------------------------------------------------------------------------- writing
 def write_image(image: itk.Image, path: str | os.PathLike) -> str:
-    """Write ``image`` atomically: to a temporary file next to ``path``, then ``os.replace``."""
+    """Write ``image`` atomically (``uad.files.atomic_output``)."""
     return _atomic(path, lambda tmp: itk.imwrite(image, tmp, compression=True))
 
 
 def _atomic(path: str | os.PathLike, write: Callable[[str], object]) -> str:
-    """Call ``write(tmp)`` on a temporary file in the folder of ``path`` (same suffix) and move it onto ``path``."""
-    path = str(path)
-    suffix = ".nii.gz" if path.endswith(".nii.gz") else Path(path).suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=suffix, dir=os.path.dirname(path) or ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Call ``write(tmp)`` on a temporary sibling of ``path`` (same suffix), moved onto ``path`` when it succeeds."""
+    with atomic_output(path) as tmp:
+        write(str(tmp))
+    return str(path)
 
 
 # -------------------------------------------------------------------------------------------------------- pipeline

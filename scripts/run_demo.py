@@ -36,6 +36,21 @@ COLUMNS = (
 )
 
 
+# The config files of each bundle command, in merge order: evaluate.json is an overlay on inference.json and
+# pretrain_encoder.json one on train.json (the model zoo's way); further overlays (demo.json, ema.json...) follow.
+COMMAND_CONFIGS = {
+    "train": ("train",),
+    "inference": ("inference",),
+    "evaluate": ("inference", "evaluate"),
+    "pretrain_encoder": ("train", "pretrain_encoder"),
+}
+
+
+def command_configs(command: str, *overlays: str) -> list[str]:
+    """``configs/<name>.json`` paths of a bundle command followed by the named overlays."""
+    return [f"configs/{name}.json" for name in (*COMMAND_CONFIGS[command], *overlays)]
+
+
 def bundle_command(configs: list[str], overrides: dict) -> list[str]:
     """The ``python -m monai.bundle run`` command line with ``--key value`` overrides, values as the CLI parses them."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs)]
@@ -109,16 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         bundle, work = BUNDLES[method], out / method
         common = {"dataset_dir": str(data), "contrast": args.contrast, "ckpt_dir": str(work / "models")}
-        configs = lambda name: [f"configs/{name}.json", "configs/demo.json"]  # noqa: E731
         if args.train:
             extra = {"epochs": args.epochs} if args.epochs else {}
-            bundle_run(bundle, configs("train"), **common, output_dir=str(work / "train"), **extra)
+            bundle_run(bundle, command_configs("train", "demo"), **common, output_dir=str(work / "train"), **extra)
         else:
             common["ckpt_path"] = str(REPO / bundle / "models" / "model.pt")
         thresholds = work / "models" / f"thresholds_{args.contrast}.json"
         bundle_run(
             bundle,
-            configs("evaluate"),
+            command_configs("evaluate", "demo"),
             **common,
             test_sets=args.sets,
             output_dir=str(work / "eval"),
@@ -131,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         case = first_test_case(data, set_name, args.contrast)
         bundle_run(
             bundle,
-            configs("inference"),
+            command_configs("inference", "demo"),
             **common,
             input_file=case["image"],
             input_mask=case["mask"],

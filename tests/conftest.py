@@ -164,14 +164,8 @@ def _run_torchrun(bundle: str, configs: list[str], overrides: dict, timeout: int
 
 
 @pytest.fixture
-def bundle_imports(monkeypatch):
-    """Make ``scripts`` resolve to a bundle's own package (as ``monai.bundle run`` does from the bundle folder)."""
-
-    def use(bundle: str) -> None:
-        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-            monkeypatch.delitem(sys.modules, name)
-        monkeypatch.syspath_prepend(str(REPO / bundle))
-
-    yield use
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
+def bundle_imports():
+    """Make ``scripts`` resolve to a bundle's own package (as ``monai.bundle run`` does from the bundle folder) until
+    the test ends: ``benchmarking.bundle_context`` of ``<name>_bundle``."""
+    with contextlib.ExitStack() as stack:
+        yield lambda bundle: stack.enter_context(bundle_context(bundle.removesuffix("_bundle")))

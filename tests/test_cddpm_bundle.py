@@ -12,14 +12,15 @@ import torch
 from conftest import REPO, TINY_CDDPM_NETS, TINY_RUN, brain_crop_slices, bundle_parser, run_bundle, tiny_diffusion_unet
 from monai.bundle import ConfigParser
 from monai.networks.schedulers import DDPMScheduler
+from run_demo import command_configs
+from uad.inference import brain_box
 from uad.precision import cpu_bf16_native
+from uad.training import load_weights
 
 from cddpm_bundle.scripts.diffusion import X0PrepareBatch
 from cddpm_bundle.scripts.inferer import CDDPMAnomalyInferer
 from cddpm_bundle.scripts.networks import ConditionedDiffusionModel
 from cddpm_bundle.scripts.simplex import GaussianNoise, SimplexNoise
-from cddpm_bundle.scripts.uad.inference import brain_box
-from cddpm_bundle.scripts.uad.training import load_weights
 
 BUNDLE = REPO / "cddpm_bundle"
 CONFIGS = BUNDLE / "configs"
@@ -74,16 +75,6 @@ def test_paper_sized_network_instantiates_and_runs(bundle_imports):
         assert net(x * 2 - 1, torch.tensor([10, 900]), condition=x).shape == x.shape
 
 
-@pytest.mark.parametrize("name", ["train.json", "inference.json", "evaluate.json"])
-def test_configs_share_network_protocol_and_noise(name):
-    """The three configs stand alone (model-zoo style) but must describe one model and one data protocol."""
-    train, other = json.loads((CONFIGS / "train.json").read_text()), json.loads((CONFIGS / name).read_text())
-    for key in ("encoder", "unet", "network_def", "scheduler", "noise", "pixdim", "image_size", "latent_dim"):
-        assert other[key] == train[key], key
-    transforms = other["preprocessing"] if name == "train.json" else other["preprocessing"]["transforms"]
-    assert transforms == train["preprocessing"]
-
-
 def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports):
     bundle_imports("cddpm_bundle")
     train = parser("train.json", "demo.json")
@@ -101,7 +92,7 @@ def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports):
     assert inference.get_parsed_content("threshold") is None or isinstance(
         inference.get_parsed_content("threshold"), float
     )
-    evaluate = parser("evaluate.json", "demo.json")
+    evaluate = parser("inference.json", "evaluate.json", "demo.json")
     evaluate.update({"dataset_dir": str(demo_cohort), "test_set": "Tumour"})
     val, test = evaluate.get_parsed_content("entries")["Tumour"]
     assert sum("seg" in e for e in val) == 2 and sum("seg" not in e for e in val) == 2 and len(test) == 2
@@ -182,6 +173,7 @@ def test_identity_network_gives_zero_anomaly_map():
     # a slice stack (N, 1, H, W) comes back as a slice stack
     stack = volume[0].permute(3, 0, 1, 2)
     assert inferer(stack, _Identity()).shape == stack.shape
+    assert torch.count_nonzero(inferer(torch.zeros_like(volume), _Identity())) == 0  # no brain: nothing to run
 
 
 def test_brain_box_is_the_brain_extent_grown_to_multiples_inside_the_image():
@@ -255,7 +247,7 @@ def trained(demo_cohort, tmp_path_factory):
     )
     evaluate = run_bundle(
         "cddpm_bundle",
-        ["configs/evaluate.json", "configs/demo.json"],
+        command_configs("evaluate", "demo"),
         {**common, "output_dir": str(work / "eval"), "test_set": "Tumour", "ensemble_timesteps": [500]},
     )
     return {"work": work, "common": common, "train_log": train.stdout + train.stderr, "eval_log": evaluate.stdout}
@@ -316,7 +308,7 @@ def test_bundle_evaluate_again_reads_the_cases_it_inferred(trained):
     before = json.loads((out / "metrics.json").read_text())
     result = run_bundle(
         "cddpm_bundle",
-        ["configs/evaluate.json", "configs/demo.json"],
+        command_configs("evaluate", "demo"),
         {**trained["common"], "output_dir": str(out), "test_set": "Tumour", "ensemble_timesteps": [500]},
     )
     log = result.stdout + result.stderr
@@ -440,7 +432,11 @@ def test_overlays_compose_by_appending_handlers_and_resume_state():
     targets = [h if isinstance(h, str) else h["_target_"] for h in p["train#handlers"]]
     assert targets[:2] == ["ValidationHandler", "CheckpointSaver"] and targets[-2:] == ["LrScheduleHandler", "@ema"]
     assert set(p["resume_state"]) == {"network", "optimizer", "trainer", "best_model", "lr_scheduler", "ema_network"}
-    assert p["validate#evaluator#network"] == p["validate#handlers#3#save_dict#network"] == "$@ema.ema_model"
+    train = parser("train.json")
+    assert (
+        train["validate#evaluator#network"] == "@validated_network" and train["saved_network"] == "@validated_network"
+    )
+    assert p["validated_network"] == "$@ema.ema_model"  # validated, kept as model.pt and model_final.pt
 
 
 def test_brain_crop_gives_brain_box_slices_padded_to_the_batch(demo_cohort, bundle_imports):

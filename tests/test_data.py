@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, SHARED_IXI
+from datalists import seed_layout_to_datalist, write_datalist
 from monai.transforms import LoadImaged
 from PIL import Image
 from uad.data import (
@@ -21,9 +22,7 @@ from uad.data import (
     evaluation_sets,
     load_datalist,
     load_split_csv,
-    seed_layout_to_datalist,
     validate_entries,
-    write_datalist,
 )
 from uad.transforms import CheckImaged, DeriveBrainMaskd, RandGhostingd, ScaleIntensityInMaskd
 

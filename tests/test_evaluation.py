@@ -9,13 +9,11 @@ import pytest
 import torch
 from monai.metrics import SSIMMetric
 from sklearn.metrics import average_precision_score, roc_auc_score
-from uad.evaluation import (
+from uad.calibration import best_dice_threshold, fpr_threshold
+from uad.metrics import (
     average_precision,
     best_dice,
-    best_dice_threshold,
     dice,
-    evaluate_cases,
-    fpr_threshold,
     l1_ratio,
     reconstruction_metrics,
     remove_small_components,
@@ -24,6 +22,7 @@ from uad.evaluation import (
     summarise,
     volume_metrics,
 )
+from uad.workflow import evaluate_cases, evaluate_sets, set_outputs
 
 SHAPE = (24, 24, 8)
 
@@ -279,8 +278,6 @@ def test_evaluate_cases_with_one_kind_of_validation_case(cohort, tmp_path, caplo
 
 
 def test_evaluate_sets_calibrates_each_set_and_infers_shared_healthy_volumes_once(tmp_path):
-    from uad.workflow import evaluate_sets, set_outputs
-
     def preprocessing(entry: dict) -> dict:
         image, mask = torch.full((1, *SHAPE), 0.5), torch.ones(1, *SHAPE)
         out = {"image": image, "mask": mask}

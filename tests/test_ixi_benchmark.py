@@ -13,8 +13,7 @@ import pytest
 from conftest import SHARED_IXI
 from PIL import Image
 from scipy import ndimage as ndi
-
-from scripts.uad.data import dataset_entries
+from uad.data import dataset_entries
 
 SHAPE = (233, 197)
 N_TRAIN, N_VAL, N_CAL, N_HEALTHY = 3, 6, 2, 1

@@ -18,7 +18,7 @@ from package_bundle import package
 def test_package_dereferences_shared_code_and_leaves_weights_out(tmp_path):
     archive = package(REPO / "cddpm_bundle", tmp_path)  # also unzips and instantiates every config's network
     names = zipfile.ZipFile(archive).namelist()
-    assert "cddpm_bundle/scripts/uad/evaluation.py" in names and "cddpm_bundle/configs/metadata.json" in names
+    assert "cddpm_bundle/scripts/uad/metrics.py" in names and "cddpm_bundle/configs/metadata.json" in names
     assert "cddpm_bundle/LICENSE" in names and "cddpm_bundle/docs/README.md" in names
     assert not any(n.endswith(".pt") or "__pycache__" in n for n in names)
     shared = (REPO / "scripts" / "uad" / "data.py").read_bytes()

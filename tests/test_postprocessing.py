@@ -83,6 +83,17 @@ def test_residual_map_order_of_operations():
     assert not amap[~eroded].any()
 
 
+def test_residual_map_weight_multiplies_the_residual_before_the_filter():
+    rng = np.random.default_rng(5)
+    image, recon, weight = rng.random((3, 24, 24, 8))
+    brain = _brain()
+    amap = residual_anomaly_map(*map(torch.from_numpy, (image, recon, brain)), weight=torch.from_numpy(weight))
+    eroded = _scipy_erosion(brain, 3)
+    residual = np.abs(image - recon) * weight * eroded
+    expected = ndimage.median_filter(residual, size=5, mode="constant", cval=0.0) * eroded
+    np.testing.assert_allclose(amap.numpy(), expected, rtol=0, atol=1e-12)
+
+
 def test_median_filter_single_slice_is_in_plane():
     """2D data (D = 1): a cubic window would be mostly padding and zero the map; the filter works in-plane."""
     image = np.random.default_rng(1).random((20, 18, 1)).astype(np.float32)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import bundle_parser
+from run_demo import command_configs
 from uad import precision
 
 
@@ -82,14 +84,14 @@ def test_unsupported_amp_value_lists_the_accepted_ones(bad):
 
 
 @pytest.mark.parametrize("bundle", ["cddpm_bundle", "autoddpm_bundle"])
-@pytest.mark.parametrize("name", ["inference.json", "evaluate.json", "train.json"])
-def test_every_config_defaults_to_auto(monkeypatch, bundle_imports, bundle, name):
+@pytest.mark.parametrize("command", ["inference", "evaluate", "train"])
+def test_every_config_defaults_to_auto(monkeypatch, bundle_imports, bundle, command):
     fake_cpu(monkeypatch, "AVX2")
     bundle_imports(bundle)
-    parser = bundle_parser(bundle, name, "demo.json")
+    parser = bundle_parser(bundle, *(Path(c).name for c in command_configs(command, "demo")))
     assert parser["amp"] == "auto"
     parser["device"] = "$torch.device('cpu')"
-    if name == "train.json":
+    if command == "train":
         assert parser.get_parsed_content("train#trainer#amp") is False
         return
     assert parser.get_parsed_content("inferer").amp is False

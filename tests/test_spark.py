@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import REPO, TINY_RUN, bundle_parser, run_bundle, tiny_diffusion_unet
 from monai.bundle import ConfigParser
 from monai.networks.nets import ResNet
+from run_demo import command_configs
+from uad.training import load_pretrained_encoder
 
 from cddpm_bundle.scripts.networks import ConditionedDiffusionModel
 from cddpm_bundle.scripts.spark import (
@@ -21,7 +21,6 @@ from cddpm_bundle.scripts.spark import (
     random_patch_mask,
     save_spark_figure,
 )
-from cddpm_bundle.scripts.uad.training import load_pretrained_encoder
 
 BUNDLE = REPO / "cddpm_bundle"
 CONFIGS = BUNDLE / "configs"
@@ -210,30 +209,15 @@ def test_mismatched_encoder_file_fails_loudly(tmp_path):
 # config
 
 
-def test_config_shares_encoder_and_data_protocol_with_train():
-    train = json.loads((CONFIGS / "train.json").read_text())
-    pre = json.loads((CONFIGS / "pretrain_encoder.json").read_text())
-    for key in ("encoder", "unet", "latent_dim", "pixdim", "image_size", "preprocessing", "load_keys", "image_keys"):
-        assert pre[key] == train[key], key
-    for key in ("datalist", "deterministic_transforms", "random_transforms", "preprocessing", "dataset", "dataloader"):
-        assert pre["train"][key] == train["train"][key], key
-    for key in ("datalist", "preprocessing", "dataset", "dataloader"):
-        assert pre["validate"][key] == train["validate"][key], key
-    shared = ("dataset_dir", "datalist", "contrast", "train_split", "val_split", "ckpt_dir", "device", "amp", "seed")
-    shared += ("val_interval", "batch_size", "slices_per_volume", "num_workers", "cache_rate")
-    assert all(pre[k] == train[k] for k in shared)
-    assert {"output_dir", "epochs"} <= set(pre)
-
-
 def test_config_hyperparameters_and_demo_overrides(demo_cohort, bundle_imports):
     bundle_imports("cddpm_bundle")
-    paper = parser("pretrain_encoder.json")
+    paper = parser("train.json", "pretrain_encoder.json")
     paper["model_config"] = {}  # the config's own sizes, not those of the demo network shipped in models/
     assert paper["optimizer"]["_target_"] == "torch.optim.AdamW" and paper["learning_rate"] == 1e-4
     assert paper["weight_decay"] == 0.05 and paper["betas"] == [0.9, 0.95] and paper["batch_size"] == 32
     assert paper["mask_ratio"] == 0.65 and paper.get_parsed_content("patch_size") == 32  # 3x3 grid at 96 px
     assert paper.get_parsed_content("decoder_channels") == [512, 256, 128, 64]
-    demo = parser("pretrain_encoder.json", "demo.json")
+    demo = parser("train.json", "pretrain_encoder.json", "demo.json")
     demo["dataset_dir"] = str(demo_cohort)
     assert demo.get_parsed_content("patch_size") == 16  # 4x4 grid at the demo's 64 px
     net = demo.get_parsed_content("network_def")
@@ -258,7 +242,7 @@ def test_bundle_pretrain_then_cddpm_uses_the_encoder(demo_cohort, tmp_path):
     models = tmp_path / "models"
     common = {**TINY, "dataset_dir": str(demo_cohort), "ckpt_dir": str(models)}
     result = run_bundle(
-        "cddpm_bundle", ["configs/pretrain_encoder.json"], {**common, "output_dir": str(tmp_path / "pretrain")}
+        "cddpm_bundle", command_configs("pretrain_encoder"), {**common, "output_dir": str(tmp_path / "pretrain")}
     )
     log = result.stdout + result.stderr
     assert "val_masked_mse" in log and "train_loss" in log

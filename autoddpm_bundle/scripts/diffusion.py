@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from monai.engines import DiffusionPrepareBatch
 
-from .uad.inference import brain_slices
+from .uad.inference import brain_slices, to_model_range
 from .uad.training import EpochSeeded, timestep_bounds
 
 __all__ = ["NoisePredictionPrepareBatch"]
@@ -16,10 +16,10 @@ __all__ = ["NoisePredictionPrepareBatch"]
 class NoisePredictionPrepareBatch(EpochSeeded, DiffusionPrepareBatch):
     """``DiffusionPrepareBatch`` on brain slices, with timesteps from a range and optionally seeded draws.
 
-    Returns ``(x0, noise, (), {"noise", "timesteps"})`` like the parent, so ``DiffusionInferer`` noises x0 and the
-    network's noise estimate is compared with ``noise``. With a ``seed``, attached to an engine (list it in its
-    handlers), the generator is reset at every epoch start, so every validation round draws the same noise and
-    timesteps and the validation loss is comparable across epochs.
+    Returns ``(x0, noise, (), {"noise", "timesteps"})`` like the parent, with x0 the images mapped to the model range
+    [-1, 1], so ``DiffusionInferer`` noises x0 and the network's noise estimate is compared with ``noise``. With a
+    ``seed``, attached to an engine (list it in its handlers), the generator is reset at every epoch start, so every
+    validation round draws the same noise and timesteps and the validation loss is comparable across epochs.
 
     Args:
         num_train_timesteps: length of the noise schedule.
@@ -27,9 +27,9 @@ class NoisePredictionPrepareBatch(EpochSeeded, DiffusionPrepareBatch):
             denoises from the levels of its mask and re-sample stages at test time (below 200), so training there
             spends every step on them.
         seed: seed of the generator; None draws from the global RNG like the parent (training).
-        image_key: key of the images in the model range [-1, 1]: slices (B, 1, H, W), or volumes (B, 1, H, W, D)
-            whose slices containing brain (``mask_key``) are stacked into one batch.
-        mask_key: key of the brain masks, required for volumes.
+        image_key: key of the images in [0, 1]: slices (B, 1, H, W), or volumes (B, 1, H, W, D) whose slices
+            containing brain (``mask_key``, else foreground) are stacked into one batch (validation on whole volumes).
+        mask_key: key of the brain masks, used for volumes only.
     """
 
     def __init__(
@@ -61,8 +61,5 @@ class NoisePredictionPrepareBatch(EpochSeeded, DiffusionPrepareBatch):
         non_blocking: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
-        images = batchdata[self.image_key]
-        if images.ndim == 5 and self.mask_key not in batchdata:  # in [-1, 1] the foreground says nothing
-            raise ValueError(f"volumes need a brain mask under {self.mask_key!r} to select their slices")
-        images = brain_slices(images, batchdata.get(self.mask_key))
-        return super().__call__({"image": images}, device, non_blocking, **kwargs)
+        images = brain_slices(batchdata[self.image_key], batchdata.get(self.mask_key))
+        return super().__call__({"image": to_model_range(images)}, device, non_blocking, **kwargs)

@@ -8,7 +8,7 @@ import torch
 from monai.engines.utils import PrepareBatch
 from monai.networks.schedulers import Scheduler
 
-from .uad.inference import brain_slices
+from .uad.inference import brain_slices, to_model_range
 from .uad.training import EpochSeeded, timestep_bounds
 
 __all__ = ["X0PrepareBatch"]
@@ -58,7 +58,7 @@ class X0PrepareBatch(EpochSeeded, PrepareBatch):
         images = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
         images = brain_slices(images, batchdata.get(self.mask_key))
         generator = self.seeded_generator(images.device)
-        x0 = images * 2.0 - 1.0  # the diffusion model works in [-1, 1]
+        x0 = to_model_range(images)
         low, high = self.timestep_range
         timesteps = torch.randint(low, high, (images.shape[0],), device=images.device, generator=generator)
         noise = self.noise(x0, generator=generator)

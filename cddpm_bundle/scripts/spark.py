@@ -32,8 +32,8 @@ from monai.engines.utils import PrepareBatch  # noqa: E402
 from monai.networks.nets.basic_unet import TwoConv, UpCat  # noqa: E402
 from torch import nn  # noqa: E402
 
+from .uad.files import atomic_output  # noqa: E402
 from .uad.inference import brain_slices  # noqa: E402
-from .uad.io import atomic_output  # noqa: E402
 from .uad.training import EpochSeeded  # noqa: E402
 
 __all__ = [

@@ -14,7 +14,6 @@ mask, ``seg`` the lesion ground truth. Three sources give such entries:
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import logging
 import os
@@ -27,14 +26,14 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .errors import InputError, MissingInputError
-from .files import atomic_output, remove_stale_temporaries
+from .files import atomic_write_text, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONTRASTS",
+    "ENTRY_KEYS",
     "IMAGE_SUFFIXES",
-    "MNI152_FILES",
     "SPLIT_COLUMNS",
     "case_name",
     "check_cases",
@@ -49,24 +48,16 @@ __all__ = [
     "list_image_folder",
     "load_datalist",
     "load_split_csv",
-    "mni152_path",
     "pending_cases",
-    "seed_layout_to_datalist",
     "split_csv_path",
     "training_reference",
     "validate_entries",
-    "write_datalist",
 ]
 
 CONTRASTS = ("t1", "t2")
 SPLIT_COLUMNS = ("img_name", "age", "label", "img_path", "mask_path", "seg_path")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png")
 ENTRY_KEYS = ("image", "mask", "seg")
-MNI152_FILES = {  # the MNI152 2009a symmetric templates (1 mm) shipped inside the nilearn wheel
-    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",  # skull-stripped T1
-    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
-}
 
 
 def case_name(path: str | os.PathLike) -> str:
@@ -76,17 +67,6 @@ def case_name(path: str | os.PathLike) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
-
-
-def mni152_path(kind: str = "t1") -> str:
-    """Path of an MNI152 template file (``MNI152_FILES``) in the installed nilearn package; nothing is downloaded.
-
-    Found without importing nilearn (its import takes seconds).
-    """
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("nilearn is not installed: it ships the MNI152 templates (see requirements.txt)")
-    return os.path.join(spec.submodule_search_locations[0], "datasets", "data", MNI152_FILES[kind])
 
 
 def _swap_contrast(path: Path, contrast: str) -> Path:
@@ -205,44 +185,6 @@ def load_datalist(path: str | os.PathLike, key: str = "training") -> list[dict]:
         item.setdefault("name", case_name(item["image"]))
         entries.append(item)
     return entries
-
-
-def write_datalist(path: str | os.PathLike, sections: dict[str, list[dict]], relative: bool = True) -> Path:
-    """Write a datalist JSON atomically; with ``relative`` the paths are stored relative to its folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for section, entries in sections.items():
-        out[section] = []
-        for entry in entries:
-            item = {}
-            for k in ENTRY_KEYS:
-                if entry.get(k):
-                    p = os.path.abspath(entry[k])
-                    item[k] = os.path.relpath(p, path.parent.resolve()) if relative else p
-            out[section].append(item)
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(out, indent=4) + "\n")
-    return path
-
-
-def seed_layout_to_datalist(
-    data_dir: str | os.PathLike,
-    out_path: str | os.PathLike,
-    contrast: str,
-    train_csvs: Sequence[str] = ("IXI_train_fold0",),
-    val_csvs: Sequence[str] = ("IXI_val_fold0",),
-    test_csvs: Sequence[str] = ("IXI_test",),
-) -> Path:
-    """Convert seed-layout split CSVs (names without ``.csv`` under ``splits/``) into a datalist JSON."""
-
-    def read(names: Sequence[str]) -> list[dict]:
-        return [e for n in names for e in load_split_csv(Path(data_dir) / "splits" / f"{n}.csv", data_dir, contrast)]
-
-    sections = {"training": read(train_csvs), "validation": read(val_csvs), "test": read(test_csvs)}
-    for entries in sections.values():
-        validate_entries(entries)
-    return write_datalist(out_path, sections)
 
 
 def list_image_folder(folder: str | os.PathLike) -> list[dict]:
@@ -381,8 +323,7 @@ def pending_cases(
     if stored != key:  # stored once per key: outputs older than the file belong to another run
         if any(out.glob("*_anomaly_map.nii.gz")) and not overwrite:
             logger.warning("%s holds outputs of other weights or settings: every case is inferred again", out)
-        with atomic_output(key_file) as tmp:
-            tmp.write_text(json.dumps({"key": key}) + "\n")
+        atomic_write_text(key_file, json.dumps({"key": key}) + "\n")
         return list(entries)
     if overwrite:
         return list(entries)

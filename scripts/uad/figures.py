@@ -21,8 +21,8 @@ from monai.data import MetaTensor  # noqa: E402
 from monai.transforms import MapTransform  # noqa: E402
 
 from .data import case_name  # noqa: E402
-from .evaluation import average_precision, binarise, precision_recall_curve  # noqa: E402
 from .files import atomic_output  # noqa: E402
+from .metrics import average_precision, binarise, precision_recall_curve  # noqa: E402
 
 __all__ = ["SaveOverlayd", "save_overlay", "save_pr_curve"]
 

@@ -1,14 +1,39 @@
-"""Shape handling shared by the anomaly inferers: volumes in, brain slices through the network, maps out."""
+"""Shared by the anomaly inferers: the model's intensity range, volumes in, brain slices through the network, maps
+out (:class:`SliceAnomalyInferer`)."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable, Mapping
 
 import torch
 from monai.data import MetaTensor
 from monai.engines.utils import PrepareBatch
+from monai.inferers import Inferer
+from torch import nn
 
-__all__ = ["MaskedPrepareBatch", "brain_box", "brain_slices", "slice_volumes", "stack_slices"]
+from .postprocessing import residual_anomaly_map
+
+__all__ = [
+    "MaskedPrepareBatch",
+    "SliceAnomalyInferer",
+    "brain_box",
+    "brain_slices",
+    "from_model_range",
+    "slice_volumes",
+    "stack_slices",
+    "to_model_range",
+]
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (the data pipeline's range) to the diffusion models' range [-1, 1]: ``2x - 1``."""
+    return images * 2.0 - 1.0
+
+
+def from_model_range(x: torch.Tensor) -> torch.Tensor:
+    """Model outputs to images in [0, 1]: clamped to [-1, 1], then ``(x + 1) / 2``."""
+    return (x.clamp(-1.0, 1.0) + 1.0) / 2.0
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -121,3 +146,131 @@ def brain_slices(images: torch.Tensor, mask: torch.Tensor | None = None) -> torc
         return images
     brain = images > 0 if mask is None else _plain(mask).to(images.device) > 0
     return stack_slices(images, brain)[0]
+
+
+class SliceAnomalyInferer(Inferer):
+    """Anomaly maps of a method that reconstructs brain slices: the pipeline every inferer of the bundles shares.
+
+    volumes (B, 1, H, W, D) -> their axial slices containing brain -> (with ``brain_box_multiple``) the brain's
+    bounding box -> :meth:`reconstruct_slices`, ``batch_size`` slices at a time, with one seeded generator for the
+    whole call -> the outputs scattered back into volumes -> ``residual_anomaly_map`` of the input and the
+    ``reconstruction_key`` output, weighted by the ``weight_key`` output if there is one.
+
+    A method implements :meth:`reconstruct_slices` and ``network_passes_per_slice`` and names its outputs:
+    ``output_keys`` (all of them), ``reconstruction_key`` (the pseudo-healthy image), ``weight_key`` (a per-voxel
+    weight of the residual, or None) and ``map_keys`` (outputs that are maps, not images). Where the network does not
+    run (slices without brain, pixels outside the box) the ``map_keys`` outputs are zero and the others equal the
+    input, so the residual is zero there.
+
+    Called as ``inferer(inputs, network)`` (MONAI Label, Deploy) or ``inferer(inputs, network, mask=mask)``.
+
+    Args:
+        batch_size: slices per call of :meth:`reconstruct_slices`.
+        erosion_iterations: iterations of the per-slice cross erosion of the brain mask.
+        median_kernel: size of the 3D median filter (1 disables it).
+        seed: seed of all noise, so repeated calls give the same map; None draws fresh noise.
+        amp: run the network under autocast (fp16 on CUDA, bf16 on CPU), see :meth:`autocast`.
+        brain_box_multiple: run on the brain's bounding box only (sides rounded up to this multiple), as networks
+            trained on brain-box crops (``configs/brain_crop.json``) expect; None runs whole slices.
+    """
+
+    output_keys: tuple[str, ...] = ("reconstruction",)
+    reconstruction_key: str = "reconstruction"
+    weight_key: str | None = None
+    map_keys: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        batch_size: int = 50,
+        erosion_iterations: int = 3,
+        median_kernel: int = 5,
+        seed: int | None = 0,
+        amp: bool = False,
+        brain_box_multiple: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.erosion_iterations = erosion_iterations
+        self.median_kernel = median_kernel
+        self.seed = seed
+        self.amp = amp
+        self.brain_box_multiple = brain_box_multiple
+
+    @property
+    @abstractmethod
+    def network_passes_per_slice(self) -> int:
+        """Network evaluations per slice."""
+
+    @abstractmethod
+    def reconstruct_slices(
+        self, slices: torch.Tensor, brain: torch.Tensor, network: nn.Module, generator: torch.Generator | None
+    ) -> dict[str, torch.Tensor]:
+        """The method itself: slices (N, 1, H, W) in [0, 1] and their boolean brain masks (N, 1, H, W) to the
+        outputs ``output_keys``, each (N, 1, H, W)."""
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The autocast context of the network passes: fp16 on CUDA, bf16 elsewhere, enabled by ``amp``."""
+        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        return torch.autocast(device.type, dtype=dtype, enabled=self.amp)
+
+    @torch.inference_mode()
+    def run_slices(self, slices: torch.Tensor, brain: torch.Tensor, network: nn.Module) -> dict[str, torch.Tensor]:
+        """:meth:`reconstruct_slices` on a slice stack (N, 1, H, W), ``batch_size`` at a time, with the seeded
+        generator; returns ``output_keys``, each (N, 1, H, W)."""
+        if slices.shape[0] == 0:  # no brain: nothing to run
+            return {k: torch.zeros_like(slices) for k in self.output_keys}
+        generator = None if self.seed is None else torch.Generator(device=slices.device).manual_seed(self.seed)
+        n = self.batch_size
+        batches = [
+            self.reconstruct_slices(slices[i : i + n], brain[i : i + n], network, generator)
+            for i in range(0, slices.shape[0], n)
+        ]
+        return {k: torch.cat([b[k] for b in batches]) for k in self.output_keys}
+
+    def run_volumes(self, volumes: torch.Tensor, brain: torch.Tensor, network: nn.Module) -> dict[str, torch.Tensor]:
+        """:meth:`run_slices` on the brain slices (and box) of volumes (B, 1, H, W, D) with boolean brain masks;
+        returns ``output_keys`` as volumes (B, 1, H, W, D)."""
+        slices, index = stack_slices(volumes, brain)
+        slice_brain = brain.permute(0, 4, 1, 2, 3)[index]
+        rows, cols = slice(None), slice(None)
+        if self.brain_box_multiple:
+            rows, cols = brain_box(slice_brain, self.brain_box_multiple)
+        outputs = self.run_slices(slices[..., rows, cols].contiguous(), slice_brain[..., rows, cols], network)
+        full = {}
+        for key, value in outputs.items():
+            outside = torch.zeros_like if key in self.map_keys else torch.clone
+            slice_values = outside(slices)
+            slice_values[..., rows, cols] = value
+            full[key] = outside(volumes)
+            full[key].permute(0, 4, 1, 2, 3)[index] = slice_values
+        return full
+
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network: nn.Module,
+        *args,
+        mask: torch.Tensor | None = None,
+        return_reconstruction: bool = False,
+        return_intermediates: bool = False,
+        **kwargs,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
+        """
+        Args:
+            inputs: volumes (B, 1, H, W, D) in [0, 1] (axial slices along D), or a slice stack (N, 1, H, W).
+            network: the method's network.
+            mask: brain masks shaped like ``inputs``; without one, the foreground ``inputs > 0`` is used.
+            return_reconstruction: also return the reconstruction (the ``reconstruction_key`` output).
+            return_intermediates: return a dict ``{"pred": map, **outputs}`` (keys ``output_keys``).
+
+        Returns:
+            the anomaly map shaped like ``inputs`` (and the reconstruction), or the dict.
+        """
+        volumes, brain, restore = slice_volumes(inputs, mask)
+        outputs = self.run_volumes(volumes, brain, network)
+        weight = outputs[self.weight_key] if self.weight_key else None
+        recon = outputs[self.reconstruction_key]
+        maps = residual_anomaly_map(volumes, recon, brain, self.erosion_iterations, self.median_kernel, weight=weight)
+        if return_intermediates:
+            return {"pred": restore(maps), **{k: restore(v) for k, v in outputs.items()}}
+        return (restore(maps), restore(recon)) if return_reconstruction else restore(maps)

@@ -1,23 +1,30 @@
-"""Output helpers: atomic NIfTI writing, the calibrated threshold file and the model config saved with the weights."""
+"""Output helpers: atomic NIfTI and strict JSON writing, the calibrated threshold file and the model config saved with
+the weights."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from monai.data import NibabelWriter
 
 from .errors import InputError
-from .files import atomic_output
+from .files import atomic_output, atomic_write_text
 
 __all__ = [
     "MODEL_CONFIG_FILE",
     "AtomicNibabelWriter",
     "read_model_config",
     "read_threshold",
+    "write_json",
     "write_model_config",
+    "write_thresholds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -33,8 +40,39 @@ class AtomicNibabelWriter(NibabelWriter):
             super().write(tmp, verbose=verbose, **obj_kwargs)
 
 
+def _strict_json(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None and numpy scalars as Python numbers, tuples as lists."""
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict_json(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented strict JSON (NaN and infinities as ``null``) atomically; returns the path."""
+    return atomic_write_text(path, json.dumps(_strict_json(obj), indent=4) + "\n")
+
+
+def write_thresholds(path: str | os.PathLike, thresholds: Mapping[str, float], method: str | None) -> None:
+    """Write the calibrated threshold file that :func:`read_threshold` reads, ``{"threshold", "method",
+    "thresholds"}`` with ``method`` the name of the threshold inference applies; with ``method`` None (nothing
+    calibrated) remove a stale one instead."""
+    path = Path(path)
+    if method is not None:
+        write_json(path, {"threshold": thresholds[method], "method": method, "thresholds": thresholds})
+    elif path.exists():
+        logger.warning("No threshold calibrated: removing the stale %s.", path)
+        path.unlink()
+
+
 def read_threshold(path: str | os.PathLike | None) -> float | None:
-    """The calibrated threshold stored by evaluation (``{"threshold": t, "method": ...}``), or None if absent."""
+    """The calibrated threshold stored by :func:`write_thresholds` (``{"threshold": t, "method": ...}``), or None if
+    absent."""
     if not path or not Path(path).is_file():
         logger.info("no calibrated threshold at %s: only anomaly maps will be written", path)
         return None
@@ -74,8 +112,7 @@ def write_model_config(ckpt_dir: str | os.PathLike, values: dict) -> Path:
             f"{path.parent} holds a model of other sizes ({path}); train into an empty ckpt_dir, or remove "
             f"model.pt and {MODEL_CONFIG_FILE} there first"
         )
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(values, indent=4) + "\n")
+    write_json(path, values)
     logger.info("network and input grid of the weights in %s written to %s", ckpt_dir, path)
     return path
 

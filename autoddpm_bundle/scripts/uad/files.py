@@ -3,16 +3,25 @@ killed runs removed, and file digests. Standard library only, so every layer (da
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_output", "atomic_path", "file_digest", "remove_stale_temporaries", "settings_digest"]
+__all__ = [
+    "atomic_output",
+    "atomic_path",
+    "atomic_write_csv",
+    "atomic_write_text",
+    "file_digest",
+    "remove_stale_temporaries",
+    "settings_digest",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +44,24 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_output`); returns the path."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def atomic_write_csv(
+    path: str | os.PathLike, rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None
+) -> Path:
+    """Write dict ``rows`` as CSV atomically, with ``columns`` (default: every key, in the order first seen)."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns or dict.fromkeys(k for row in rows for k in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    return Path(path)
 
 
 _TEMPORARY = re.compile(r"^\..+\.tmp(\d+)(\.[\w.]+)?$")  # what atomic_path names

@@ -1,7 +1,7 @@
 """Post-processing of reconstruction residuals into anomaly maps (torch, runs on the input's device).
 
 Volumes are shaped (H, W, D) with D the axial slices (last axis); leading batch/channel axes are allowed where noted.
-The pipeline (see ``docs/method.md`` section 2) is: residual ``|x - x_hat|`` -> times the brain mask eroded per
+The pipeline is: residual ``|x - x_hat|`` (optionally times a per-voxel weight) -> times the brain mask eroded per
 axial slice -> 3D median filter -> times the eroded mask again.
 """
 
@@ -85,11 +85,13 @@ def residual_anomaly_map(
     brain_mask: torch.Tensor,
     erosion_iterations: int = 3,
     median_kernel: int = 5,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Anomaly map from an input and its pseudo-healthy reconstruction.
 
-    Order: ``r = |x - x_hat|``; ``r = r * m`` with ``m`` the brain mask eroded per axial slice; ``r = median(r)``
-    (3D, zero padding); ``r = r * m`` again, so the filter cannot spread residual out of the eroded brain.
+    Order: ``r = |x - x_hat|``, times ``weight`` if given; ``r = r * m`` with ``m`` the brain mask eroded per axial
+    slice; ``r = median(r)`` (3D, zero padding); ``r = r * m`` again, so the filter cannot spread residual out of the
+    eroded brain.
 
     Args:
         image: (H, W, D) or (B, 1, H, W, D) input in [0, 1].
@@ -97,10 +99,14 @@ def residual_anomaly_map(
         brain_mask: brain mask, same shape as ``image``.
         erosion_iterations: erosion steps of the per-slice cross structuring element.
         median_kernel: edge length of the cubic median window.
+        weight: per-voxel weight of the residual (e.g. AutoDDPM's likelihood map), same shape as ``image``.
 
     Returns:
         anomaly map, same shape as ``image``, float, zero outside the eroded brain mask.
     """
     eroded = erode_mask_per_slice(brain_mask != 0, erosion_iterations).to(image.dtype)
-    residual = (image - reconstruction).abs() * eroded
+    residual = (image - reconstruction).abs()
+    if weight is not None:
+        residual = residual * weight
+    residual = residual * eroded
     return median_filter_3d(residual, median_kernel) * eroded

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
+import re
 import shutil
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -17,12 +19,24 @@ from monai.data import DataLoader, Dataset
 from torch import nn
 from tqdm import tqdm
 
+from .calibration import calibrate_thresholds, default_threshold, has_lesion
 from .data import case_name
-from .evaluation import evaluate_cases
-from .files import atomic_output, remove_stale_temporaries
+from .figures import save_overlay, save_pr_curve
+from .files import atomic_output, atomic_write_csv, remove_stale_temporaries
+from .io import write_json, write_thresholds
+from .metrics import (
+    average_precision,
+    in_brain_voxels,
+    l1_ratio,
+    reconstruction_metrics,
+    roc_auc,
+    slice_detection_auroc,
+    summarise,
+    volume_metrics,
+)
 from .transforms import check_anomaly_map
 
-__all__ = ["collect_cases", "evaluate", "evaluate_sets", "format_metrics", "set_outputs"]
+__all__ = ["collect_cases", "evaluate", "evaluate_cases", "evaluate_sets", "format_metrics", "set_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +152,122 @@ def _case_path(cache_dir: str | os.PathLike, entry: dict) -> Path:
 
 def _memo_key(entry: dict) -> tuple:
     return entry["image"], entry.get("mask"), entry.get("seg"), entry.get("name")
+
+
+def _check_case(case: Mapping[str, Any]) -> None:
+    shape = np.shape(case["anomaly_map"])
+    for key in ("image", "reconstruction", "mask", "seg"):
+        if case.get(key) is not None and np.shape(case[key]) != shape:
+            raise ValueError(f"case {case['name']!r}: {key} has shape {np.shape(case[key])}, anomaly map {shape}.")
+
+
+def _test_row(case: Mapping[str, Any], thresholds: Mapping[str, float], min_component_size: int) -> dict[str, Any]:
+    """Per-volume metrics of a test case, plus the l1 ratio of its raw residual when a reconstruction is given."""
+    seg = case.get("seg")
+    row = {
+        "name": case["name"],
+        **volume_metrics(case["anomaly_map"], seg, case["mask"], thresholds, min_component_size),
+    }
+    row["l1_ratio"] = math.nan
+    if case.get("reconstruction") is not None and seg is not None:
+        residual = np.abs(np.asarray(case["image"], dtype=np.float64) - case["reconstruction"])
+        row["l1_ratio"] = l1_ratio(residual, seg, case["mask"])
+    return row
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)) or "case"
+
+
+def evaluate_cases(
+    val_cases: Sequence[Mapping[str, Any]],
+    test_cases: Sequence[Mapping[str, Any]],
+    out_dir: str | os.PathLike,
+    fprs: Sequence[float] = (0.01, 0.05, 0.10),
+    min_component_size: int = 7,
+    n_overlays: int = 4,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Calibrate thresholds on validation cases, evaluate test cases, write metrics, plots and ``thresholds.json``.
+
+    A case is ``{"name", "image", "reconstruction" (or None), "anomaly_map", "mask", "seg" (or None)}`` with
+    (H, W, D) numpy arrays, image in [0, 1]. Validation cases with lesion voxels calibrate ``best_dice_val``;
+    validation cases without (seg None or empty) calibrate ``fpr_<p>`` for each of ``fprs`` and give the
+    reconstruction metrics (see ``calibration``). Test labels are used for metrics only; test cases with ``seg=None``
+    count as healthy.
+
+    Writes to ``out_dir`` (each file atomically): ``metrics.json``, ``per_volume.csv``, ``pr_curve.png``,
+    ``overlays/<name>.png`` (lesion cases first) and ``thresholds.json`` (``{"threshold", "method",
+    "thresholds"}``, read by inference; when nothing could be calibrated it is not written and a stale one removed).
+    ``extra`` (e.g. the method's settings) is stored as is under ``"extra"`` in ``metrics.json``.
+
+    Returns:
+        the content of ``metrics.json``.
+    """
+    for case in (*val_cases, *test_cases):
+        _check_case(case)
+    labelled = [c for c in val_cases if has_lesion(c)]
+    healthy = [c for c in val_cases if not has_lesion(c)]
+    thresholds = calibrate_thresholds(labelled, healthy, fprs)
+    method = default_threshold(thresholds)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    rows = [_test_row(c, thresholds, min_component_size) for c in test_cases]
+    recon_cases = [c for c in healthy if c.get("reconstruction") is not None]
+    recon_rows = [reconstruction_metrics(c["image"], c["reconstruction"], c["mask"]) for c in recon_cases]
+    maps, masks, segs = ([c.get(k) for c in test_cases] for k in ("anomaly_map", "mask", "seg"))
+    pooled, slice_auroc = {}, math.nan
+    if test_cases:
+        scores, labels = in_brain_voxels(maps, masks), in_brain_voxels(segs, masks) != 0
+        pooled = {"auprc": average_precision(scores, labels), "auroc": roc_auc(scores, labels)}
+        slice_auroc = slice_detection_auroc(maps, masks, segs)
+        if labels.any():
+            save_pr_curve(out_dir / "pr_curve.png", scores, labels, thresholds)
+        else:
+            logger.warning("No lesion voxel in the test cases: no PR curve.")
+
+    metrics = {
+        "thresholds": thresholds,
+        "threshold_method": method,
+        "binarisation": f"anomaly_map > threshold inside the brain mask, then 3D components (26-connectivity) of "
+        f"at most {min_component_size} voxels removed",
+        "summary": summarise(rows),
+        "pooled_test": pooled,
+        "slice_auroc": slice_auroc,
+        "reconstruction_healthy_val": summarise(recon_rows),
+        "counts": {
+            "val_labelled": len(labelled),
+            "val_healthy": len(healthy),
+            "test": len(test_cases),
+            "test_with_lesion": sum(has_lesion(c) for c in test_cases),
+        },
+        "cases": {
+            "best_dice_calibration": [c["name"] for c in labelled],
+            "fpr_calibration": [c["name"] for c in healthy],
+            "reconstruction_metrics": [c["name"] for c in recon_cases],
+            "test": [c["name"] for c in test_cases],
+        },
+    }
+    if extra:
+        metrics["extra"] = dict(extra)
+    atomic_write_csv(out_dir / "per_volume.csv", rows)
+    write_json(out_dir / "metrics.json", metrics)
+    write_thresholds(out_dir / "thresholds.json", thresholds, method)
+    for case in sorted(test_cases, key=lambda c: not has_lesion(c))[:n_overlays]:
+        save_overlay(
+            out_dir / "overlays" / f"{_safe_name(case['name'])}.png",
+            case["image"],
+            case["anomaly_map"],
+            reconstruction=case.get("reconstruction"),
+            seg=case.get("seg"),
+            mask=case["mask"],
+            threshold=thresholds.get(method),
+            title=f"{case['name']}: outline at {method or 'no threshold'}",
+            min_component_size=min_component_size,
+        )
+    logger.info("Evaluated %d test cases with thresholds %s; outputs in %s.", len(test_cases), thresholds, out_dir)
+    return metrics
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -21,9 +21,10 @@ from .io import MODEL_CONFIG_FILE
 
 __all__ = [
     "BestMetricState",
-    "FinalModelFallback",
     "EpochSeeded",
+    "FinalModelFallback",
     "FiniteLoss",
+    "SameDrawsEveryEpoch",
     "attach_resume",
     "latest_checkpoint",
     "load_checkpoint",
@@ -41,18 +42,15 @@ _EPOCH = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
 
 
 class EpochSeeded:
-    """Mixin for seeded batch preparation: a generator reset to ``seed`` at every epoch start.
+    """Mixin for seeded batch preparation: draws come from ``seeded_generator(device)``, a generator seeded with
+    ``seed`` until ``reset``; with ``seed`` None the generator is None (the global RNG, fresh draws).
 
-    List the object among an engine's handlers (``attach`` registers the reset) and draw from
-    ``seeded_generator(device)``: every epoch then sees the same random draws, so validation losses are comparable
-    across epochs. With ``seed`` None the generator is None (the global RNG, fresh draws).
+    ``SameDrawsEveryEpoch`` resets it at every epoch start of an engine, so that every validation round sees the same
+    random draws and validation losses are comparable across epochs.
     """
 
     seed: int | None = None
     generator: torch.Generator | None = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.reset())
 
     def reset(self) -> None:
         self.generator = None
@@ -63,6 +61,18 @@ class EpochSeeded:
         if self.generator is None or self.generator.device != device:
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
         return self.generator
+
+
+class SameDrawsEveryEpoch:
+    """Handler resetting a seeded batch preparation (``EpochSeeded``) at every epoch start of the engine it is
+    attached to, e.g. the validator's ``prepare_batch``: every validation round then draws the same noise, timesteps or
+    masks."""
+
+    def __init__(self, prepare_batch: EpochSeeded) -> None:
+        self.prepare_batch = prepare_batch
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.prepare_batch.reset())
 
 
 def timestep_bounds(timestep_range: Sequence[int] | None, num_train_timesteps: int) -> tuple[int, int]:
@@ -78,8 +88,8 @@ def pad_slices_collate(batch: list, background: float = 0.0) -> dict:
     """Collate slices of different sizes (e.g. cropped to the brain): pad each to the largest of the batch.
 
     Items may be lists of slices (``num_samples`` of a random crop per volume); they are flattened first. Every key
-    is padded with ``background``, the value of the images outside the brain (0 in [0, 1], -1 in the model range
-    [-1, 1]); a mask padded with -1 still reads "not brain" (``mask > 0``).
+    is padded with ``background``, the value of the images outside the brain (0: the data are in [0, 1], the
+    networks map them to their own range), so a padded mask reads "not brain" too.
     """
     slices = [s for item in batch for s in (item if isinstance(item, list) else [item])]
     return pad_list_data_collate(slices, value=background)

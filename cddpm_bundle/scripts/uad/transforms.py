@@ -14,7 +14,7 @@ from monai.transforms import LoadImaged, MapTransform, RandomizableTransform, Re
 from scipy import ndimage
 
 from .errors import InputError
-from .evaluation import binarise
+from .metrics import binarise
 
 __all__ = [
     "BinariseAnomalyd",

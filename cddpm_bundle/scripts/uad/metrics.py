@@ -1,45 +1,30 @@
-"""Threshold calibration and UAD metrics, shared by both bundles (numpy/scipy, CPU, method-agnostic).
+"""UAD metrics of anomaly maps, shared by both bundles (numpy/scipy, CPU, method-agnostic).
 
-Conventions (``docs/method.md`` section 2):
+Conventions:
 
 - volumes are (H, W, D) arrays, D the axial slices; every voxel metric is computed on in-brain voxels
   (``mask != 0``), and lesion labels are ``seg != 0`` restricted to the brain;
 - a map is binarised as ``anomaly_map > threshold`` inside the brain mask, then 3D connected components
-  (26-connectivity) of at most ``min_component_size`` voxels are removed;
-- thresholds come from validation volumes only: ``best_dice_val`` (pooled best Dice of labelled volumes) and
-  ``fpr_<p>`` (label-free, the ``1 - p/100`` quantile of the scores of healthy volumes); test labels never
-  enter a threshold;
+  (26-connectivity) of at most ``min_component_size`` voxels are removed (:func:`binarise`);
 - ``oracle_dice`` is the best Dice of one test volume over all thresholds (uses that volume's labels, so it is
-  an upper bound, not a deployable number).
+  an upper bound, not a deployable number); deployable thresholds come from validation data (``calibration``).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import logging
 import math
-import os
-import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
-from .files import atomic_output
-
 __all__ = [
     "average_precision",
     "best_dice",
-    "best_dice_threshold",
     "binarise",
-    "calibrate_thresholds",
     "dice",
-    "evaluate_cases",
-    "fpr_threshold",
+    "in_brain_voxels",
     "l1_ratio",
     "precision_recall_curve",
     "reconstruction_metrics",
@@ -47,19 +32,10 @@ __all__ = [
     "roc_auc",
     "slice_detection_auroc",
     "summarise",
-    "threshold_name",
     "volume_metrics",
 ]
 
-logger = logging.getLogger(__name__)
-
-BEST_DICE = "best_dice_val"
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
-
-
-def threshold_name(fpr: float) -> str:
-    """Name of the label-free threshold at false-positive rate ``fpr``, e.g. ``0.05 -> "fpr_5"``."""
-    return f"fpr_{fpr * 100:g}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,8 +146,21 @@ def best_dice(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return _best_dice(_ranked_counts(scores, labels))
 
 
+def in_brain_voxels(volumes: Sequence[np.ndarray | None], masks: Sequence[np.ndarray]) -> np.ndarray:
+    """Concatenated in-brain voxels of several (H, W, D) volumes (``None`` stands for an all-zero volume)."""
+    if len(volumes) != len(masks):
+        raise ValueError(f"got {len(volumes)} volumes but {len(masks)} masks.")
+    if not masks:
+        raise ValueError("at least one volume is needed.")
+    values = []
+    for volume, mask in zip(volumes, masks, strict=True):
+        brain = np.asarray(mask) != 0
+        values.append(np.zeros(int(brain.sum())) if volume is None else np.asarray(volume)[brain])
+    return np.concatenate(values)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# binarisation and calibration
+# binarisation
 
 
 def remove_small_components(binary: np.ndarray, max_size: int = 7) -> np.ndarray:
@@ -198,48 +187,6 @@ def binarise(anomaly_map: np.ndarray, mask: np.ndarray, threshold: float, min_co
     """Predicted lesion voxels: ``anomaly_map > threshold`` inside ``mask``, small components removed; (H, W, D)."""
     pred = (np.asarray(anomaly_map, dtype=np.float64) > threshold) & (np.asarray(mask) != 0)
     return remove_small_components(pred, min_component_size)
-
-
-def _in_brain(volumes: Sequence[np.ndarray | None], masks: Sequence[np.ndarray]) -> np.ndarray:
-    """Concatenated in-brain voxels of several (H, W, D) volumes (``None`` stands for an all-zero volume)."""
-    if len(volumes) != len(masks):
-        raise ValueError(f"got {len(volumes)} volumes but {len(masks)} masks.")
-    if not masks:
-        raise ValueError("at least one volume is needed.")
-    values = []
-    for volume, mask in zip(volumes, masks, strict=True):
-        brain = np.asarray(mask) != 0
-        values.append(np.zeros(int(brain.sum())) if volume is None else np.asarray(volume)[brain])
-    return np.concatenate(values)
-
-
-def best_dice_threshold(maps: Sequence[np.ndarray], segs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:
-    """Threshold of the best Dice over the pooled in-brain voxels of labelled validation volumes.
-
-    Args:
-        maps, segs, masks: lists of (H, W, D) anomaly maps, lesion segmentations and brain masks.
-
-    Returns:
-        threshold ``t`` for ``anomaly_map > t`` (before small-component removal).
-    """
-    scores, labels = _in_brain(maps, masks), _in_brain(segs, masks) != 0
-    if not labels.any():
-        raise ValueError("best-Dice calibration needs lesion voxels inside the brain masks.")
-    return best_dice(scores, labels)[0]
-
-
-def fpr_threshold(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr: float) -> float:
-    """Label-free threshold: the ``1 - fpr`` quantile of the pooled in-brain scores of healthy validation volumes.
-
-    Uses the "higher" order statistic, so at most a fraction ``fpr`` of those voxels satisfies ``score > t``.
-
-    Args:
-        maps, masks: lists of (H, W, D) anomaly maps and brain masks of healthy volumes.
-        fpr: target voxel false-positive rate in (0, 1).
-    """
-    if not 0.0 < fpr < 1.0:
-        raise ValueError(f"fpr must be in (0, 1), got {fpr}.")
-    return float(np.quantile(_in_brain(maps, masks).astype(np.float64), 1.0 - fpr, method="higher"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,198 +337,3 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
 
 def _is_number(rows: Sequence[Mapping[str, Any]], key: str) -> bool:
     return all(isinstance(row.get(key, math.nan), int | float | np.number) for row in rows)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# end-to-end evaluation
-
-
-def _has_lesion(case: Mapping[str, Any]) -> bool:
-    return case.get("seg") is not None and bool(
-        np.any((np.asarray(case["seg"]) != 0) & (np.asarray(case["mask"]) != 0))
-    )
-
-
-def _check_case(case: Mapping[str, Any]) -> None:
-    shape = np.shape(case["anomaly_map"])
-    for key in ("image", "reconstruction", "mask", "seg"):
-        if case.get(key) is not None and np.shape(case[key]) != shape:
-            raise ValueError(f"case {case['name']!r}: {key} has shape {np.shape(case[key])}, anomaly map {shape}.")
-
-
-def calibrate_thresholds(
-    labelled: Sequence[Mapping[str, Any]], healthy: Sequence[Mapping[str, Any]], fprs: Sequence[float]
-) -> dict[str, float]:
-    """Best-Dice threshold from labelled validation cases and one label-free threshold per FPR from healthy ones.
-
-    A missing kind of validation case skips its calibration with a warning.
-    """
-    thresholds: dict[str, float] = {}
-    if labelled:
-        maps, segs, masks = ([c[k] for c in labelled] for k in ("anomaly_map", "seg", "mask"))
-        thresholds[BEST_DICE] = best_dice_threshold(maps, segs, masks)
-    else:
-        logger.warning("No labelled validation case (non-empty seg): best-Dice threshold NOT calibrated.")
-    if healthy:
-        maps, masks = [c["anomaly_map"] for c in healthy], [c["mask"] for c in healthy]
-        thresholds.update({threshold_name(f): fpr_threshold(maps, masks, f) for f in fprs})
-    else:
-        logger.warning("No healthy validation case (seg missing or empty): label-free FPR thresholds NOT calibrated.")
-    return thresholds
-
-
-def _default_threshold(thresholds: Mapping[str, float]) -> str | None:
-    """Name of the threshold inference uses: best Dice if calibrated, else 5% FPR, else the first label-free one."""
-    for name in (BEST_DICE, threshold_name(0.05)):
-        if name in thresholds:
-            return name
-    return next(iter(thresholds), None)
-
-
-def _test_row(case: Mapping[str, Any], thresholds: Mapping[str, float], min_component_size: int) -> dict[str, Any]:
-    """Per-volume metrics of a test case, plus the l1 ratio of its raw residual when a reconstruction is given."""
-    seg = case.get("seg")
-    row = {
-        "name": case["name"],
-        **volume_metrics(case["anomaly_map"], seg, case["mask"], thresholds, min_component_size),
-    }
-    row["l1_ratio"] = math.nan
-    if case.get("reconstruction") is not None and seg is not None:
-        residual = np.abs(np.asarray(case["image"], dtype=np.float64) - case["reconstruction"])
-        row["l1_ratio"] = l1_ratio(residual, seg, case["mask"])
-    return row
-
-
-def _json_text(obj: Any) -> str:
-    """JSON with NaN/inf written as null (strict JSON)."""
-
-    def clean(o: Any) -> Any:
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, list | tuple):
-            return [clean(v) for v in o]
-        if isinstance(o, float | np.floating):
-            return float(o) if math.isfinite(o) else None
-        if isinstance(o, np.integer):
-            return int(o)
-        return o
-
-    return json.dumps(clean(obj), indent=4) + "\n"
-
-
-def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
-
-
-def _write_thresholds(path: Path, thresholds: Mapping[str, float], method: str | None) -> None:
-    """Write ``thresholds.json`` for inference, or remove a stale one when nothing was calibrated."""
-    if method is not None:
-        _write_text(path, _json_text({"threshold": thresholds[method], "method": method, "thresholds": thresholds}))
-    elif path.exists():
-        logger.warning("No threshold calibrated: removing the stale %s.", path)
-        path.unlink()
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)) or "case"
-
-
-def evaluate_cases(
-    val_cases: Sequence[Mapping[str, Any]],
-    test_cases: Sequence[Mapping[str, Any]],
-    out_dir: str | os.PathLike,
-    fprs: Sequence[float] = (0.01, 0.05, 0.10),
-    min_component_size: int = 7,
-    n_overlays: int = 4,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Calibrate thresholds on validation cases, evaluate test cases, write metrics, plots and ``thresholds.json``.
-
-    A case is ``{"name", "image", "reconstruction" (or None), "anomaly_map", "mask", "seg" (or None)}`` with
-    (H, W, D) numpy arrays, image in [0, 1]. Validation cases with lesion voxels calibrate ``best_dice_val``;
-    validation cases without (seg None or empty) calibrate ``fpr_<p>`` for each of ``fprs`` and give the
-    reconstruction metrics. Test labels are used for metrics only; test cases with ``seg=None`` count as healthy.
-
-    Writes to ``out_dir`` (each file atomically): ``metrics.json``, ``per_volume.csv``, ``pr_curve.png``,
-    ``overlays/<name>.png`` (lesion cases first) and ``thresholds.json`` (``{"threshold", "method",
-    "thresholds"}``, read by inference; when nothing could be calibrated it is not written and a stale one removed).
-    ``extra`` (e.g. the method's settings) is stored as is under ``"extra"`` in ``metrics.json``.
-
-    Returns:
-        the content of ``metrics.json``.
-    """
-    from .figures import save_overlay, save_pr_curve  # deferred: keeps matplotlib out of metric-only imports
-
-    for case in (*val_cases, *test_cases):
-        _check_case(case)
-    labelled = [c for c in val_cases if _has_lesion(c)]
-    healthy = [c for c in val_cases if not _has_lesion(c)]
-    thresholds = calibrate_thresholds(labelled, healthy, fprs)
-    method = _default_threshold(thresholds)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    rows = [_test_row(c, thresholds, min_component_size) for c in test_cases]
-    recon_cases = [c for c in healthy if c.get("reconstruction") is not None]
-    recon_rows = [reconstruction_metrics(c["image"], c["reconstruction"], c["mask"]) for c in recon_cases]
-    maps, masks, segs = ([c.get(k) for c in test_cases] for k in ("anomaly_map", "mask", "seg"))
-    pooled, slice_auroc = {}, math.nan
-    if test_cases:
-        scores, labels = _in_brain(maps, masks), _in_brain(segs, masks) != 0
-        pooled = {"auprc": average_precision(scores, labels), "auroc": roc_auc(scores, labels)}
-        slice_auroc = slice_detection_auroc(maps, masks, segs)
-        if labels.any():
-            save_pr_curve(out_dir / "pr_curve.png", scores, labels, thresholds)
-        else:
-            logger.warning("No lesion voxel in the test cases: no PR curve.")
-
-    metrics = {
-        "thresholds": thresholds,
-        "threshold_method": method,
-        "binarisation": f"anomaly_map > threshold inside the brain mask, then 3D components (26-connectivity) of "
-        f"at most {min_component_size} voxels removed",
-        "summary": summarise(rows),
-        "pooled_test": pooled,
-        "slice_auroc": slice_auroc,
-        "reconstruction_healthy_val": summarise(recon_rows),
-        "counts": {
-            "val_labelled": len(labelled),
-            "val_healthy": len(healthy),
-            "test": len(test_cases),
-            "test_with_lesion": sum(_has_lesion(c) for c in test_cases),
-        },
-        "cases": {
-            "best_dice_calibration": [c["name"] for c in labelled],
-            "fpr_calibration": [c["name"] for c in healthy],
-            "reconstruction_metrics": [c["name"] for c in recon_cases],
-            "test": [c["name"] for c in test_cases],
-        },
-    }
-    if extra:
-        metrics["extra"] = dict(extra)
-    _write_text(out_dir / "per_volume.csv", _csv_text(rows))
-    _write_text(out_dir / "metrics.json", _json_text(metrics))
-    _write_thresholds(out_dir / "thresholds.json", thresholds, method)
-    for case in sorted(test_cases, key=lambda c: not _has_lesion(c))[:n_overlays]:
-        save_overlay(
-            out_dir / "overlays" / f"{_safe_name(case['name'])}.png",
-            case["image"],
-            case["anomaly_map"],
-            reconstruction=case.get("reconstruction"),
-            seg=case.get("seg"),
-            mask=case["mask"],
-            threshold=thresholds.get(method),
-            title=f"{case['name']}: outline at {method or 'no threshold'}",
-            min_component_size=min_component_size,
-        )
-    logger.info("Evaluated %d test cases with thresholds %s; outputs in %s.", len(test_cases), thresholds, out_dir)
-    return metrics

@@ -1,4 +1,8 @@
-"""Reference anomaly maps without a diffusion model: the intensity itself and the residual to a mean healthy image."""
+"""Reference anomaly maps without a diffusion model: the intensity itself and the residual to a mean healthy image.
+
+Repository code for ``scripts/benchmark.py``, not shipped in a bundle: a benchmark config names the inferer as
+``baselines.TemplateResidualInferer``, with this folder on the bundle command's ``PYTHONPATH``.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,8 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.inferers import Inferer
 from torch import nn
-
-from .inference import _plain, slice_volumes
-from .postprocessing import residual_anomaly_map
+from uad.inference import _plain, slice_volumes
+from uad.postprocessing import residual_anomaly_map
 
 __all__ = ["TemplateResidualInferer", "mean_healthy_image"]
 
