@@ -141,11 +141,9 @@ def brain_slices(images: torch.Tensor, mask: torch.Tensor | None = None) -> torc
 
     Used to validate slice models on whole volumes. ``mask`` (like ``images``) defaults to the foreground.
     """
-    images = _plain(images)
     if images.ndim == 4:
-        return images
-    brain = images > 0 if mask is None else _plain(mask).to(images.device) > 0
-    return stack_slices(images, brain)[0]
+        return _plain(images)
+    return stack_slices(*slice_volumes(images, mask)[:2])[0]
 
 
 class SliceAnomalyInferer(Inferer):
