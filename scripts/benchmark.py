@@ -57,6 +57,7 @@ from baselines import mean_healthy_image  # noqa: E402
 from benchmarking import BUNDLES, REPO, bundle_context, header, load_config, markdown_table, write_report  # noqa: E402
 from make_demo_data import SIZES  # noqa: E402
 from run_demo import bundle_command, chance_auprc  # noqa: E402
+from uad.files import atomic_output, atomic_write_text  # noqa: E402
 from uad.precision import parse_amp  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -244,14 +245,12 @@ def baseline_config(method: str, dataset: Dataset, work: Path) -> str:
                 parser = load_config(root, ["train", "demo"], dataset.overrides)
                 entries = parser.get_parsed_content("train#datalist")
                 mean = mean_healthy_image(entries, parser.get_parsed_content("validate#preprocessing"))
-            work.mkdir(parents=True, exist_ok=True)
-            torch.save(mean, template)
+            with atomic_output(template) as tmp:
+                torch.save(mean, tmp)
     inferer = {"_target_": "baselines.TemplateResidualInferer", "template": template and str(template)}
     extra = {"method": METHODS[method].label, "network_passes_per_slice": 0}
-    config = work / f"{method}.json"
-    work.mkdir(parents=True, exist_ok=True)
-    config.write_text(json.dumps({"network": "$torch.nn.Identity()", "inferer": inferer, "extra": extra}, indent=2))
-    return str(config)
+    config = {"network": "$torch.nn.Identity()", "inferer": inferer, "extra": extra}
+    return str(atomic_write_text(work / f"{method}.json", json.dumps(config, indent=2)))
 
 
 def train_stage(name: str, method: Method, dataset: Dataset, work: Path, stage: int, args) -> dict[str, float]:
@@ -329,9 +328,10 @@ def run_dataset(dataset: Dataset, out: Path, args) -> list[dict[str, Any]]:
             method = next(METHODS[m] for m in args.methods if METHODS[m].training == name)
             work = out / dataset.name / name
             done = work / "models" / f"timing_{stage * per_stage}.json"
-            if not done.is_file():
-                done.write_text(json.dumps(train_stage(name, method, dataset, work, stage, args)))
+            if not done.is_file():  # the timing marks the stage done, so it is written after its weights
+                stage_timing = train_stage(name, method, dataset, work, stage, args)
                 os.replace(work / "models" / "model_final.pt", work / "models" / f"step_{stage * per_stage}.pt")
+                atomic_write_text(done, json.dumps(stage_timing))
             timing[name] = json.loads(done.read_text())
         for method_name in args.methods:
             method = METHODS[method_name]
@@ -350,7 +350,7 @@ def run_dataset(dataset: Dataset, out: Path, args) -> list[dict[str, Any]]:
                 row.update(timing.get(method.training, {}))
                 row.update({"key": method_name, "data": dataset.name, "target": target, "step": stage * per_stage})
                 row["eval_dir"] = str(eval_dir)
-                (eval_dir / "row.json").write_text(json.dumps(row))
+                atomic_write_text(eval_dir / "row.json", json.dumps(row))
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("data", "target", "key", "step", "auprc")}), flush=True)
     return rows
@@ -381,7 +381,8 @@ def plot_curves(rows: list[dict[str, Any]], data: str, path: Path) -> None:
                 ax.set_xlabel("training iterations")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -398,7 +399,8 @@ def plot_examples(rows: list[dict[str, Any]], data: str, target: str, path: Path
         ax.set_title(f"{METHODS[key].label}: {png.stem}", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import make_demo_data
 from benchmarking import BUNDLES, header, markdown_table, write_report
 from run_demo import bundle_command
+from uad.files import atomic_write_text
 
 
 def case_datalist(cohort: Path, n: int, folder: Path) -> Path:
@@ -44,9 +45,7 @@ def case_datalist(cohort: Path, n: int, folder: Path) -> Path:
         link.unlink(missing_ok=True)
         link.symlink_to(image)
         entries.append({"image": str(link), "mask": str(mask)})
-    path = folder / "datalist.json"
-    path.write_text(json.dumps({"test": entries}))
-    return path
+    return atomic_write_text(folder / "datalist.json", json.dumps({"test": entries}))
 
 
 def _status_kb(pid: int, field: str) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from make_demo_data import SIZES
 from uad.data import dataset_entries
+from uad.files import atomic_write_text
 from uad.workflow import set_outputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     table = format_table(rows)
-    (out / "results.md").write_text(table + "\n")
+    atomic_write_text(out / "results.md", table + "\n")
     print(f"\nDemo results ({args.contrast}, mean over test volumes; thresholds calibrated on validation only):\n")
     print(table)
     print(f"\nfinished in {(time.time() - start) / 60:.1f} min")

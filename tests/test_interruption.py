@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_CDDPM_NETS, TINY_GRID, TINY_RUN, subprocess_env
 from run_demo import bundle_command
+from uad.files import atomic_output, atomic_path, remove_stale_temporaries
 
 
 def run_until(cmd: list[str], cwd: Path, stop: Callable[[str], bool] | None = None, timeout: float = 300):
@@ -124,6 +125,29 @@ def test_inference_killed_leaves_no_partial_file_and_resumes(many_cases, tmp_pat
     ]
     assert len(list(out.glob("*_anomaly_mask.nii.gz"))) == 5 and not stale.exists()
     assert all((out / n).read_bytes() == data for n, data in written.items() if n.split("_anomaly_")[0] in finished)
+
+
+def test_atomic_output_under_the_final_name_and_the_leftovers_of_killed_writers(tmp_path):
+    """``keep_name`` stages the file under its own name (TorchScript records it); a failed write keeps the old file;
+    only temporaries of processes that no longer run are removed, files and folders."""
+    target = tmp_path / "model.ts"
+    with atomic_output(target, keep_name=True) as staged:
+        assert staged.name == "model.ts" and staged.parent.parent == tmp_path
+        staged.write_text("archive")
+    assert target.read_text() == "archive" and [p.name for p in tmp_path.iterdir()] == ["model.ts"]
+    with pytest.raises(RuntimeError), atomic_output(target, keep_name=True) as staged:
+        staged.write_text("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "archive" and [p.name for p in tmp_path.iterdir()] == ["model.ts"]
+    dead = 2**22 + 1  # above the kernel's largest pid
+    folder, file = tmp_path / f".model.tmp{dead}.ts", tmp_path / f".model.tmp{dead}.pt"
+    folder.mkdir()
+    (folder / "model.ts").write_text("half")
+    file.write_text("half")
+    running = atomic_path(tmp_path / "model.pt")
+    running.write_text("being written")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted([folder, file])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.ts", running.name])
 
 
 def test_pending_cases_skips_done_cases_of_the_same_run_key_unless_overwrite(tmp_path):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from monai.data import save_net_with_metadata
 from torch import nn
 
 from .backends import example_inputs, tracing
+from .files import atomic_output, remove_stale_temporaries
 
 __all__ = ["export_torchscript", "trace_network"]
 
@@ -69,22 +69,21 @@ def export_torchscript(
     (``model_config``) and the calibrated ``threshold``, which the bundle reads from files beside the weights: MONAI
     Deploy runs the embedded config without those files.
 
-    The file is written under its final name in a temporary folder beside it, then moved: TorchScript archives name
-    their root folder after the file, and MONAI Deploy finds the embedded configs by that name.
+    The file is written under its final name in a temporary folder beside it (``atomic_output(keep_name=True)``),
+    then moved: TorchScript archives name their root folder after the file, and MONAI Deploy finds the embedded
+    configs by that name.
     """
     path = Path(path)
     traced = trace_network(network, example_size, condition)
     meta = json.loads(Path(meta_file).read_text())
     config = {**json.loads(Path(config_file).read_text()), **(resolved or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        staged = Path(tmp) / path.name
+    remove_stale_temporaries(path.parent)
+    with atomic_output(path, keep_name=True) as staged:
         save_net_with_metadata(
             traced,
             str(staged),
             meta_values=meta,
             more_extra_files={"inference.json": json.dumps(config, indent=4).encode()},
         )
-        os.replace(staged, path)
     logger.info("TorchScript network with metadata.json and inference.json written to %s", path)
     return path

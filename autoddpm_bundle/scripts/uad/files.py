@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,16 +35,25 @@ def atomic_path(path: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` (same extension); on success move it onto ``path``, else delete it."""
+def atomic_output(path: str | os.PathLike, keep_name: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` (same extension); on success move it onto ``path``, else delete it.
+
+    ``keep_name``: yield ``path``'s own name inside a temporary sibling folder instead, for formats that record their
+    file name inside the file (TorchScript archives name their root folder after it).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
+    folder = atomic_path(path) if keep_name else None
+    if folder is not None:
+        folder.mkdir()
+    tmp = folder / path.name if folder is not None else atomic_path(path)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        if folder is not None:
+            folder.rmdir()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -78,16 +88,16 @@ def _running(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files (``atomic_path``) that a killed run left in ``folder``: those of processes that no
-    longer run. Returns them."""
+    """Delete the temporary files and folders (``atomic_output``) that a killed run left in ``folder``: those of
+    processes that no longer run. Returns them."""
     folder = Path(folder)
     stale = [
         p
         for p in (folder.iterdir() if folder.is_dir() else [])
-        if (m := _TEMPORARY.match(p.name)) and p.is_file() and not _running(int(m.group(1)))
+        if (m := _TEMPORARY.match(p.name)) and not _running(int(m.group(1)))
     ]
     for path in stale:
-        path.unlink(missing_ok=True)
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         logger.info("removed %s, left by an interrupted run", path)
     return stale
 
