@@ -13,7 +13,7 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.inferers import Inferer
 from torch import nn
-from uad.inference import _plain, slice_volumes
+from uad.inference import slice_volumes
 from uad.postprocessing import residual_anomaly_map
 
 __all__ = ["TemplateResidualInferer", "mean_healthy_image"]
@@ -25,7 +25,8 @@ def mean_healthy_image(entries: Sequence[dict], preprocessing: Callable) -> torc
     loader = DataLoader(Dataset(list(entries), preprocessing), batch_size=1, shuffle=False)
     total = None
     for batch in loader:
-        image = _plain(batch["image"]).float() * (_plain(batch["mask"]) > 0)
+        volumes, brain, _ = slice_volumes(batch["image"], batch["mask"])
+        image = volumes * brain
         total = image if total is None else total + image
     if total is None:
         raise ValueError("no healthy images to average")
@@ -50,7 +51,7 @@ class TemplateResidualInferer(Inferer):
     ) -> None:
         super().__init__()
         if isinstance(template, str | os.PathLike):
-            template = torch.load(template, weights_only=True)
+            template = torch.load(template, weights_only=True, map_location="cpu")
         self.template = template
         self.erosion_iterations = erosion_iterations
         self.median_kernel = median_kernel
