@@ -57,7 +57,7 @@ from baselines import mean_healthy_image  # noqa: E402
 from benchmarking import BUNDLES, REPO, bundle_context, header, load_config, markdown_table, write_report  # noqa: E402
 from make_demo_data import SIZES  # noqa: E402
 from run_demo import bundle_command, chance_auprc  # noqa: E402
-from uad.files import atomic_output, atomic_write_text  # noqa: E402
+from uad.files import atomic_output, atomic_write_figure, atomic_write_text  # noqa: E402
 from uad.precision import parse_amp  # noqa: E402
 
 logger = logging.getLogger("benchmark")
@@ -381,9 +381,7 @@ def plot_curves(rows: list[dict[str, Any]], data: str, path: Path) -> None:
                 ax.set_xlabel("training iterations")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    atomic_write_figure(fig, path, dpi=100)
 
 
 def plot_examples(rows: list[dict[str, Any]], data: str, target: str, path: Path) -> None:
@@ -399,9 +397,7 @@ def plot_examples(rows: list[dict[str, Any]], data: str, target: str, path: Path
         ax.set_title(f"{METHODS[key].label}: {png.stem}", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    atomic_write_figure(fig, path, dpi=100)
 
 
 def report(rows: list[dict[str, Any]], args, out: Path) -> str:

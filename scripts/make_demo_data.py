@@ -36,7 +36,7 @@ import nibabel as nib
 import numpy as np
 from mni152 import MNI152_FILES, mni152_path
 from scipy import ndimage as ndi
-from uad.files import atomic_output, atomic_write_csv, atomic_write_text
+from uad.files import atomic_output, atomic_write_csv, atomic_write_figure, atomic_write_text
 
 __all__ = [
     "CONTRASTS",
@@ -988,13 +988,7 @@ def plot_cohort(data_root: str | os.PathLike, cases: Sequence[tuple[str, dict]],
                 ax.set_ylabel(f"{label}\n{Path(files[contrast]).name.split('_t1')[0]}, z={z}", fontsize=8)
     fig.suptitle("Synthetic demo cohort (2 mm, lesion outline in red)", fontsize=9)
     fig.tight_layout()
-    out_png = Path(out_png)
-    try:
-        with atomic_output(out_png) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
-    return out_png
+    return atomic_write_figure(fig, out_png, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from datalists import write_datalist
 from mni152 import MNI152_FILES, mni152_path
 from PIL import Image
 from scipy import ndimage as ndi
-from uad.files import atomic_output, atomic_write_text
+from uad.files import atomic_output, atomic_write_figure, atomic_write_text
 
 __all__ = ["best_slice", "brain_mask", "build_ixi_benchmark", "insert_lesion", "main", "match_template", "orient"]
 
@@ -339,11 +339,7 @@ def _figure(shown: list, path: Path) -> None:
         axes[row, 1].set_title(f"{params['polarity']} c={params['contrast']:.2f}, {params['area_px']} px", fontsize=8)
     fig.suptitle("IXI T1 + synthetic lesions (green: brain mask, red: ground truth)", fontsize=9)
     fig.tight_layout()
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
+    atomic_write_figure(fig, path, dpi=100)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

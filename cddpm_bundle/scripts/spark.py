@@ -32,7 +32,7 @@ from monai.engines.utils import PrepareBatch  # noqa: E402
 from monai.networks.nets.basic_unet import TwoConv, UpCat  # noqa: E402
 from torch import nn  # noqa: E402
 
-from .uad.files import atomic_output  # noqa: E402
+from .uad.files import atomic_write_figure  # noqa: E402
 from .uad.inference import brain_slices  # noqa: E402
 from .uad.training import EpochSeeded  # noqa: E402
 
@@ -426,11 +426,7 @@ def save_spark_figure(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    atomic_write_figure(fig, path, dpi=100)
 
 
 class SparKFigureHandler:

@@ -21,7 +21,7 @@ from monai.data import MetaTensor  # noqa: E402
 from monai.transforms import MapTransform  # noqa: E402
 
 from .data import case_name  # noqa: E402
-from .files import atomic_output  # noqa: E402
+from .files import atomic_write_figure  # noqa: E402
 from .metrics import average_precision, binarise, precision_recall_curve  # noqa: E402
 
 __all__ = ["SaveOverlayd", "save_overlay", "save_pr_curve"]
@@ -116,7 +116,7 @@ def save_overlay(
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.04 if handles else 0, 1, 1))
-    _save(fig, path)
+    atomic_write_figure(fig, path, dpi=110)
 
 
 def save_pr_curve(
@@ -169,16 +169,7 @@ def save_pr_curve(
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, frameon=False)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig: plt.Figure, path: str | os.PathLike) -> None:
-    """Write ``fig`` as PNG atomically and close it."""
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
-        plt.close(fig)
+    atomic_write_figure(fig, path, dpi=110)
 
 
 class SaveOverlayd(MapTransform):

@@ -143,7 +143,8 @@ def brain_slices(images: torch.Tensor, mask: torch.Tensor | None = None) -> torc
     """
     if images.ndim == 4:
         return _plain(images)
-    return stack_slices(*slice_volumes(images, mask)[:2])[0]
+    volumes, brain, _ = slice_volumes(images, mask)
+    return stack_slices(volumes, brain)[0]
 
 
 class SliceAnomalyInferer(Inferer):

@@ -1,5 +1,6 @@
 """Files written so that nothing is ever half-written: temporary siblings renamed into place, the leftovers of
-killed runs removed, and file digests. Standard library only, so every layer (data, outputs, scripts) uses it."""
+killed runs removed, and file digests. Standard library only (figures: the matplotlib their caller loaded), so every
+layer (data, outputs, scripts) uses it."""
 
 from __future__ import annotations
 
@@ -13,11 +14,16 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "atomic_output",
     "atomic_path",
     "atomic_write_csv",
+    "atomic_write_figure",
     "atomic_write_text",
     "file_digest",
     "remove_stale_temporaries",
@@ -43,23 +49,41 @@ def atomic_output(path: str | os.PathLike, keep_name: bool = False) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    folder = atomic_path(path) if keep_name else None
-    if folder is not None:
-        folder.mkdir()
-    tmp = folder / path.name if folder is not None else atomic_path(path)
+    staging = atomic_path(path)
+    if keep_name:
+        staging.mkdir()
+    tmp = staging / path.name if keep_name else staging
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
-        if folder is not None:
-            folder.rmdir()
+        _remove(staging)
+
+
+def _remove(path: Path) -> None:
+    """Delete the file or folder tree ``path`` if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (:func:`atomic_output`); returns the path."""
     with atomic_output(path) as tmp:
         tmp.write_text(text)
+    return Path(path)
+
+
+def atomic_write_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write the matplotlib figure ``fig`` as PNG atomically and close it, also when writing fails; returns the path."""
+    import matplotlib.pyplot as plt  # only here: the caller has matplotlib loaded, every other writer needs none
+
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
     return Path(path)
 
 
@@ -97,7 +121,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         if (m := _TEMPORARY.match(p.name)) and not _running(int(m.group(1)))
     ]
     for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        _remove(path)
         logger.info("removed %s, left by an interrupted run", path)
     return stale
 
