@@ -1,4 +1,5 @@
-"""Training and inference throughput of the bundles at their configured size (paper size by default).
+"""Training and inference throughput of the bundles at the published size (``configs/paper.json``; ``--demo``: the
+shipped models' size, the configs as they stand).
 
 Builds each bundle's own network, noise, scheduler, prepare-batch and anomaly inferer from its configs (random
 weights: speed does not depend on them) and times
@@ -134,8 +135,7 @@ def inference_speed(
     volumes of a few slices."""
     backend, amp = VARIANTS[variant]
     batch = 1 if variant == "per-slice" else args.slices
-    sizes = {} if args.demo else {"model_config": {}}  # the paper sizes, not those saved with the shipped weights
-    parser = load_config(root, ["inference", *configs], {"amp": amp, "batch_size": batch, **sizes, **overrides})
+    parser = load_config(root, ["inference", *configs], {"amp": amp, "batch_size": batch, **overrides})
     inferer = parser.get_parsed_content("inferer")
     h, w = parser.get_parsed_content("image_size")[:2]
     generator = torch.Generator().manual_seed(0)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundles", nargs="+", default=list(BUNDLES), choices=list(BUNDLES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--demo", action="store_true", help="time the demo-sized configs (configs/demo.json)")
+    parser.add_argument("--demo", action="store_true", help="time the demo size (the configs as they stand)")
     parser.add_argument("--iterations", type=int, default=5, help="timed training iterations (after one warm-up)")
     parser.add_argument("--train-batch", type=int, default=32, help="slices per training batch (paper: 32)")
     parser.add_argument("--slices", type=int, default=VOLUME_SLICES, help="brain slices in the timed volume")
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"variants {missing} need packages that are not installed (see scripts/cpu_backends.py)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    configs = ["demo"] if args.demo else []
+    configs = [] if args.demo else ["paper"]
 
     rows = []
     for bundle in args.bundles:
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append({**row, **speed})
                         print(json.dumps(rows[-1]), flush=True)
                     train = {}
-    size = "demo-sized (configs/demo.json)" if args.demo else "paper-sized (configs/train.json defaults)"
+    size = "demo-sized (the shipped models' sizes)" if args.demo else "paper-sized (configs/paper.json)"
     markdown = "\n".join(
         [
             header(f"Speed of the {size} bundles"),

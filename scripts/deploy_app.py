@@ -7,10 +7,10 @@ The operator casts ``pred`` to uint8; the bundle makes ``pred`` the binary anoma
 threshold (``LabelAsPredd``), so ``models/model.ts`` must be exported with one embedded
 (``configs/export.json`` after ``models/thresholds.json`` exists); this app refuses a model without one.
 
-The SDK (``monai-deploy-app-sdk`` 4.0) needs NVIDIA's Holoscan, so it runs where Holoscan does (Linux, CUDA 13),
-in its own environment::
+The SDK (``monai-deploy-app-sdk`` 4.0 with Holoscan 4.6) runs on a CPU-only Linux x86_64 host too (docs/clients.md)::
 
-    pip install monai-deploy-app-sdk==4.0.0 highdicom==0.28.2 -r requirements.txt
+    pip install -r requirements.txt && pip install --no-deps -r requirements-deploy.txt
+    ulimit -s 32768  # the stack size Holoscan asks for
     cd cddpm_bundle && python -m monai.bundle run --config_file "['configs/inference.json','configs/export.json']"
     cd .. && python scripts/deploy_app.py --bundle cddpm_bundle -i <folder of DICOM files> -o <output folder>
 """

@@ -17,6 +17,7 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from run_demo import command_configs
+from uad.io import config_ids
 from uad.precision import cpu_bf16_native
 
 from autoddpm_bundle.scripts.diffusion import NoisePredictionPrepareBatch
@@ -101,11 +102,14 @@ def brain_slices(n: int = 3, size: int = 24) -> tuple[torch.Tensor, torch.Tensor
 # configs
 
 
-def test_default_configs_are_paper_sized(bundle_imports):
+def test_configs_ship_the_demo_sizes_and_paper_json_the_published_ones(bundle_imports):
     bundle_imports("autoddpm_bundle")
-    p, sized = parser("train.json"), parser("train.json")
-    sized["model_config"] = {}  # the config's own sizes: the bundle's models/ holds the demo network, read first
-    net, value = p["network_def"], sized.get_parsed_content
+    shipped = parser("train.json").get_parsed_content("model_sizes")
+    recorded = json.loads((REPO / "autoddpm_bundle" / "models" / "model_config.json").read_text())
+    assert config_ids(shipped) == recorded  # the configs as they stand build the shipped network
+    assert shipped["network_def"]["channels"] == [32, 64, 64] and shipped["image_size"] == [64, 64, 32]
+    p, value = parser("train.json"), parser("train.json", "paper.json").get_parsed_content
+    net = p["network_def"]
     assert net["_target_"] == "monai.networks.nets.DiffusionModelUNet" and value("network_def#channels") == [
         128,
         256,
@@ -132,13 +136,12 @@ def test_default_configs_are_paper_sized(bundle_imports):
     inference = parser("inference.json")
     keys = ("mask_noise_level", "resample_noise_level", "resample_repeats", "mask_threshold", "mask_dilation")
     assert [inference[k] for k in keys] == [200, 50, 5, 0.13, 3]
-    assert inference["sampler"] == "ddpm" and inference["perceptual"] == "ssim"
+    assert inference["sampler"] == "ddim" and inference["perceptual"] == "ssim"  # fast by default
     assert inference["residual_quantile"] == 0.95 and inference["mask_quantile"] is None
-    inferer = inference.get_parsed_content("inferer")
-    assert isinstance(inferer.scheduler, DDPMScheduler) and inferer.network_passes_per_slice == 200 + 50 * 5
-    inference["sampler"] = "ddim"
-    fast = inference.get_parsed_content("inferer", lazy=False)
+    fast = inference.get_parsed_content("inferer")
     assert isinstance(fast.scheduler, DDIMScheduler) and fast.network_passes_per_slice == 10 + 5 * 5
+    reference = parser("inference.json", "reference_sampler.json").get_parsed_content("inferer")
+    assert isinstance(reference.scheduler, DDPMScheduler) and reference.network_passes_per_slice == 200 + 50 * 5
 
 
 def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports, tmp_path, monkeypatch):
@@ -149,7 +152,7 @@ def test_configs_instantiate_with_demo_overrides(demo_cohort, bundle_imports, tm
     assert len(train.get_parsed_content("train#datalist")) == 4
     multi_gpu = parser("train.json", "demo.json", "multi_gpu_train.json")
     assert multi_gpu["train#sampler"]["_target_"] == "DistributedSampler"
-    assert "DistributedDataParallel(@network_def" in multi_gpu["network"]
+    assert multi_gpu["network"]["_target_"] == "torch.nn.parallel.DistributedDataParallel"
     multi_gpu.update({"dataset_dir": str(demo_cohort), "network": "@network_def", "rank": 1})
     monkeypatch.setenv("LOCAL_RANK", "0")  # as torchrun sets it
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)

@@ -226,17 +226,50 @@ MATRIX = [
     ),
     Row(
         "other_bundle_weights",
-        "weights of the other bundle",
-        "error: `<ckpt>: weights do not match …: the file holds a bare diffusion UNet (AutoDDPM), …`",
+        "weights of the other bundle, with their recorded sizes",
+        "error: `<ckpt> was trained with other sizes (<ckpt dir>/model_config.json) than the config files set "
+        "(network_def#channels: […] there, unset here; …)`",
         ("inference",),
         test="test_wrong_checkpoints_are_named_on_the_last_line",
     ),
     Row(
         "other_size_weights",
-        "weights of another network size",
-        "error: `<ckpt>: weights do not match …: the file holds a network of another size; <key>: file (…) vs …`",
+        "a config overlay that sets sizes the weights do not have (`paper.json` over the shipped model)",
+        "error naming both files: `<ckpt> was trained with other sizes (<ckpt dir>/model_config.json) than the config "
+        "files set (unet#channels: [32, 64, 64] there, [128, 256, 256] here; …)`",
         ("inference",),
         test="test_wrong_checkpoints_are_named_on_the_last_line",
+    ),
+    Row(
+        "no_recorded_sizes",
+        "weights without the `model_config.json` training writes beside them (a second model folder)",
+        "error naming both files: `<ckpt>: no model_config.json beside the weights (<ckpt dir>/model_config.json), so "
+        "the sizes they were trained with are unknown`",
+        ("inference",),
+        test="test_wrong_checkpoints_are_named_on_the_last_line",
+    ),
+    Row(
+        "sizes_that_lie",
+        "weights whose `model_config.json` is not theirs (AutoDDPM weights, cDDPM sizes)",
+        "error: `<ckpt>: weights do not match …: the file holds a bare diffusion UNet (AutoDDPM), …`",
+        ("inference",),
+        test="test_wrong_checkpoints_are_named_on_the_last_line",
+    ),
+    Row(
+        "train_over_other_sizes",
+        "a training run into a folder whose `model.pt` has other sizes, or none recorded",
+        "error naming both: `<ckpt dir>/model.pt was trained with other sizes (<ckpt dir>/model_config.json) than the "
+        "config files of this run set (…): train into an empty ckpt_dir, …`",
+        ("train",),
+        test="test_training_over_weights_of_other_sizes_stops_naming_both",
+    ),
+    Row(
+        "threshold_of_other_weights",
+        "a `thresholds.json` calibrated on other weights, or marked stale by a training run",
+        "warning: `<thresholds> does not apply to <ckpt> (calibrated on other weights; …): writing anomaly maps "
+        "without a mask`; the map is written, no mask",
+        ("inference",),
+        test="test_a_threshold_of_other_weights_gives_maps_without_a_mask",
     ),
     Row(
         "truncated_weights",
@@ -380,12 +413,12 @@ def command_overrides(command: str, data: dict, out: Path) -> dict:
     return overrides
 
 
-def workflow(bundle: str, command: str, overrides: dict, demo: bool = True):
-    """The bundle command as ``monai.bundle run`` builds it (``ConfigWorkflow``), in this process, with ``demo.json``
-    unless ``demo`` is False."""
+def workflow(bundle: str, command: str, overrides: dict, overlays: tuple[str, ...] = ("demo",)):
+    """The bundle command as ``monai.bundle run`` builds it (``ConfigWorkflow``), in this process, with ``overlays``
+    (default ``demo.json``)."""
     from monai.bundle import ConfigWorkflow
 
-    configs = [str(REPO / bundle / c) for c in command_configs(command, *(["demo"] if demo else []))]
+    configs = [str(REPO / bundle / c) for c in command_configs(command, *overlays)]
     return ConfigWorkflow(
         config_file=configs,
         meta_file=str(REPO / bundle / "configs" / "metadata.json"),
@@ -472,8 +505,8 @@ def test_volume_on_one_slice_grid_is_refused_on_the_last_line(tmp_path):
     assert not list((out / "e").glob("*.nii.gz")) if (out / "e").exists() else True
 
 
-def run_inference(bundle: str, overrides: dict, demo: bool = True) -> None:
-    flow = workflow(bundle, "inference", {"num_workers": 0, "cpu_backend": "torch", **overrides}, demo)
+def run_inference(bundle: str, overrides: dict, overlays: tuple[str, ...] = ("demo",)) -> None:
+    flow = workflow(bundle, "inference", {"num_workers": 0, "cpu_backend": "torch", **overrides}, overlays)
     flow.initialize()
     flow.run()
     flow.finalize()
@@ -561,27 +594,87 @@ def test_device_as_plain_string(tmp_path, bundle_imports, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "ckpt, model_config, message",
+    "ckpt, sizes, overlays, message",
     [
-        ("autoddpm_bundle", None, r"the file holds a bare diffusion UNet \(AutoDDPM\), the config builds a cDDPM"),
-        ("cddpm_bundle", {}, r"the file holds a network of another size; .* vs network"),
-        ("truncated", None, r"not a readable PyTorch checkpoint"),
+        (
+            "autoddpm_bundle",
+            "autoddpm_bundle",
+            (),
+            r"was trained with other sizes .*network_def#channels: \[32, 64, 64\] "
+            r"there, unset here",
+        ),
+        (
+            "cddpm_bundle",
+            "cddpm_bundle",
+            ("paper",),
+            r"was trained with other sizes .*unet#channels: \[32, 64, 64\] "
+            r"there, \[128, 256, 256\] here",
+        ),
+        ("cddpm_bundle", None, (), r"no model_config\.json beside the weights"),
+        (
+            "autoddpm_bundle",
+            "cddpm_bundle",
+            (),
+            r"the file holds a bare diffusion UNet \(AutoDDPM\), the config builds",
+        ),
+        ("truncated", "cddpm_bundle", (), r"not a readable PyTorch checkpoint"),
     ],
-    ids=["other_bundle_weights", "other_size_weights", "truncated_weights"],
+    ids=["other_bundle_weights", "other_size_weights", "no_recorded_sizes", "sizes_that_lie", "truncated_weights"],
 )
-def test_wrong_checkpoints_are_named_on_the_last_line(ckpt, model_config, message, tmp_path, bundle_imports):
+def test_wrong_checkpoints_are_named_on_the_last_line(ckpt, sizes, overlays, message, tmp_path, bundle_imports):
     bundle_imports("cddpm_bundle")
     weights = tmp_path / "model.pt"
     shipped = (REPO / ("cddpm_bundle" if ckpt == "truncated" else ckpt) / "models" / "model.pt").read_bytes()
     weights.write_bytes(shipped[:100_000] if ckpt == "truncated" else shipped)
+    if sizes is not None:  # the record of the sizes beside the weights, as training writes it
+        (tmp_path / "model_config.json").write_bytes((REPO / sizes / "models" / "model_config.json").read_bytes())
     case = good_case(tmp_path, "w")
     overrides = {"input_file": case["image"], "output_dir": str(tmp_path / "o"), "ckpt_path": str(weights)}
-    if model_config is not None:
-        overrides["model_config"] = model_config  # the published sizes: weights copied without model_config.json
     with pytest.raises(Exception) as error:  # noqa: B017
-        run_inference("cddpm_bundle", overrides, demo=model_config is None)
-    assert re.search(rf"model\.pt: .*{message}", project_message(error.value))
+        run_inference("cddpm_bundle", overrides, overlays)
+    assert re.search(rf"model\.pt:? .*{message}", project_message(error.value))
     assert not (tmp_path / "o").exists()
+
+
+def shipped_models(bundle: str, folder: Path) -> Path:
+    """A copy of ``<bundle>/models`` (weights, recorded sizes, calibrated threshold) in ``folder``."""
+    shutil.copytree(REPO / bundle / "models", folder)
+    return folder
+
+
+def test_training_over_weights_of_other_sizes_stops_naming_both(demo_cohort, tmp_path, bundle_imports):
+    bundle_imports("cddpm_bundle")
+    models = shipped_models("cddpm_bundle", tmp_path / "models")
+    shipped = (models / "model.pt").read_bytes()
+    overrides = {"dataset_dir": str(demo_cohort), "ckpt_dir": str(models), "num_workers": 0}
+    with pytest.raises(Exception) as error:  # noqa: B017
+        workflow("cddpm_bundle", "train", overrides, ("demo", "paper")).initialize()
+    assert re.search(
+        rf"{models / 'model.pt'} was trained with other sizes \({models / 'model_config.json'}\) than the config files "
+        r"of this run set \(.*unet#channels: \[32, 64, 64\] there, \[128, 256, 256\] here",
+        project_message(error.value),
+    )
+    (models / "model_config.json").unlink()  # weights whose sizes nobody recorded: never overwritten either
+    with pytest.raises(Exception) as error:  # noqa: B017
+        workflow("cddpm_bundle", "train", overrides).initialize()
+    assert "model.pt has no model_config.json beside it" in project_message(error.value)
+    assert (models / "model.pt").read_bytes() == shipped and not (models / "model_config.json").exists()
+
+
+def test_a_threshold_of_other_weights_gives_maps_without_a_mask(tmp_path, bundle_imports, caplog):
+    bundle_imports("cddpm_bundle")
+    models = shipped_models("cddpm_bundle", tmp_path / "models")
+    state = torch.load(models / "model.pt", weights_only=True)
+    torch.save({k: v * 0.999 if v.is_floating_point() else v for k, v in state.items()}, models / "model.pt")
+    case = good_case(tmp_path, "t")
+    overrides = {"input_file": case["image"], "output_dir": str(tmp_path / "o"), "ckpt_dir": str(models), **TINY_GRID}
+    with caplog.at_level(logging.WARNING):
+        run_inference("cddpm_bundle", overrides)
+    assert f"{models / 'thresholds.json'} does not apply to {models / 'model.pt'} (calibrated on other weights" in (
+        caplog.text
+    )
+    assert (tmp_path / "o" / "t_t2_anomaly_map.nii.gz").is_file()
+    assert not list((tmp_path / "o").glob("*_anomaly_mask.nii.gz"))  # a map, no mask binarised at a stale threshold
 
 
 def test_nan_loss_stops_training_keeping_the_last_good_checkpoint(demo_cohort, tmp_path, bundle_imports):

@@ -14,6 +14,7 @@ from monai.bundle import ConfigParser
 from monai.networks.schedulers import DDPMScheduler
 from run_demo import command_configs
 from uad.inference import brain_box
+from uad.io import config_ids
 from uad.precision import cpu_bf16_native
 from uad.training import load_weights
 
@@ -44,15 +45,12 @@ def tiny_unet(conditioned: bool = True) -> ConditionedDiffusionModel:
 # configs
 
 
-def paper_sized(*names: str) -> ConfigParser:
-    """The configs with their own sizes: the bundle's models/ holds the demo network, whose sizes they read first."""
-    p = parser(*names)
-    p["model_config"] = {}
-    return p
-
-
-def test_default_configs_are_paper_sized():
-    p = paper_sized("train.json")
+def test_configs_ship_the_demo_sizes_and_paper_json_the_published_ones():
+    shipped = parser("train.json").get_parsed_content("model_sizes")
+    recorded = json.loads((REPO / "cddpm_bundle" / "models" / "model_config.json").read_text())
+    assert config_ids(shipped) == recorded  # the configs as they stand build the shipped network
+    assert shipped["unet"]["channels"] == [32, 64, 64] and shipped["image_size"] == [64, 64, 32]
+    p = parser("train.json", "paper.json")
     value = p.get_parsed_content
     assert value("unet#channels") == [128, 256, 256] and value("unet#num_res_blocks") == 3
     assert value("unet#attention_levels") == [False, False, True] and p["unet"]["with_conditioning"]
@@ -67,7 +65,7 @@ def test_default_configs_are_paper_sized():
 
 def test_paper_sized_network_instantiates_and_runs(bundle_imports):
     bundle_imports("cddpm_bundle")
-    net = paper_sized("train.json").get_parsed_content("network_def")
+    net = parser("train.json", "paper.json").get_parsed_content("network_def")
     assert 40e6 < sum(p.numel() for p in net.unet.parameters()) < 46e6  # UNet 128/256/256, 3 res blocks: 42.9M
     assert 23e6 < sum(p.numel() for p in net.encoder.parameters()) < 25e6  # ResNet-50 trunk, 128-d head: 23.8M
     x = torch.rand(2, 1, 32, 32)
@@ -275,7 +273,8 @@ def test_bundle_train_resumes_from_checkpoint(trained, tmp_path):
     state["best_model"]["best_metric"] = 0.0
     state["best_model"]["key_metric_checkpoint"]["_saved"] = [(-0.0, saved_name)]
     torch.save(state, models / src.name)
-    (models / "model.pt").write_bytes((trained["work"] / "models" / "model.pt").read_bytes())
+    for name in ("model.pt", "model_config.json"):  # the folder of the interrupted run
+        (models / name).write_bytes((trained["work"] / "models" / name).read_bytes())
     best_before = (models / "model.pt").read_bytes()
     result = run_bundle(
         "cddpm_bundle",

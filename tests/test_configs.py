@@ -23,11 +23,13 @@ def merged(bundle: str, command: str, *overlays: str):
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
-def test_train_and_inference_build_one_model_and_one_protocol(bundle, demo_cohort, bundle_imports):
+@pytest.mark.parametrize("overlays", [(), ("paper",)], ids=["shipped-sizes", "paper-sizes"])
+def test_train_and_inference_build_one_model_and_one_protocol(bundle, overlays, demo_cohort, bundle_imports):
     bundle_imports(bundle)
-    train, inference = merged(bundle, "train"), merged(bundle, "inference")
+    train, inference = merged(bundle, "train", *overlays), merged(bundle, "inference", *overlays)
     for p in (train, inference):
-        p.update({"dataset_dir": str(demo_cohort), "model_config": {}})  # the configs' own (paper) sizes
+        p["dataset_dir"] = str(demo_cohort)
+    assert train.get_parsed_content("model_sizes") == inference.get_parsed_content("model_sizes")
     shapes = [
         {k: v.shape for k, v in p.get_parsed_content("network_def").state_dict().items()} for p in (train, inference)
     ]

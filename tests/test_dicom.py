@@ -4,20 +4,20 @@ tests with pydicom; the SEG files are read back with pydicom and highdicom."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import run_bundle
+from conftest import REPO, run_bundle
 from monai.transforms import LoadImage
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from uad.data import dicom_series_geometry, validate_entries
 from uad.dicom import write_dicom_seg
+from uad.io import write_thresholds
 
 
 def write_series(folder: Path, volume: np.ndarray, spacing=(1.5, 1.25, 2.0), series_uid: str | None = None) -> str:
@@ -87,7 +87,8 @@ def test_bundle_inference_takes_a_dicom_series_folder(demo_cohort, tmp_path):
     series = tmp_path / "case_dicom"
     write_series(series, nifti.get_fdata(), spacing=tuple(float(z) for z in nifti.header.get_zooms()))
     out, threshold = tmp_path / "out", tmp_path / "thresholds.json"
-    threshold.write_text(json.dumps({"threshold": 0.02, "method": "test"}))  # low: some voxels are anomalous
+    shipped = REPO / "cddpm_bundle" / "models" / "model.pt"
+    write_thresholds(threshold, {"test": 0.02}, "test", shipped)  # low: some voxels are anomalous
     run_bundle(
         "cddpm_bundle",
         ["configs/inference.json"],

@@ -76,12 +76,13 @@ def test_remove_small_components_sizes_and_26_connectivity():
     binary[11, 2, 2] = False  # 7 voxels: removed
     for i in range(8):  # 8 voxels touching only at corners: one component under 26-connectivity
         binary[5 + i, 10 + i, 5 + i] = True
-    out = remove_small_components(binary, max_size=7)
+    out = remove_small_components(binary, min_size=8)
     assert out[1:3, 1:3, 1:3].all()
     assert not out[10:12, 1:3, 1:3].any()
     assert all(out[5 + i, 10 + i, 5 + i] for i in range(8))
     assert out.sum() == 16
-    assert remove_small_components(binary, max_size=8).sum() == 0
+    assert remove_small_components(binary, min_size=9).sum() == 0
+    assert remove_small_components(binary, min_size=1).sum() == 23  # 1 keeps every component
 
 
 def _brain(shape=SHAPE) -> np.ndarray:
@@ -303,7 +304,7 @@ def test_evaluate_sets_calibrates_each_set_and_infers_shared_healthy_volumes_onc
         "A": (lesions("va", 0.4) + healthy, lesions("ta", 0.4)),
         "B": (lesions("vb", 0.2) + healthy, lesions("tb", 0.2)),
     }
-    options = {"fprs": (0.05,), "min_component_size": 0, "n_overlays": 0}
+    options = {"fprs": (0.05,), "min_component_size": 1, "n_overlays": 0}
     results = evaluate_sets(
         torch.nn.Identity(), inferer, preprocessing, sets, tmp_path / "eval", tmp_path / "t.json", **options
     )

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, bundle_parser, run_bundle
+from conftest import REPO, bundle_parser, run_bundle, tiny_diffusion_unet
 from monai.data import load_net_with_metadata
 
 CONDITIONED = {"cddpm_bundle": True, "autoddpm_bundle": False}
@@ -30,11 +30,9 @@ def test_export_writes_model_ts_that_reproduces_eager_outputs(bundle, bundle_imp
         json.loads((REPO / bundle / "configs" / "inference.json").read_text()),
     )
     assert embedded.keys() == inference.keys()
-    assert all(embedded[k] == inference[k] for k in inference if k not in ("model_config", "threshold"))
-    saved = json.loads((REPO / bundle / "models" / "model_config.json").read_text())
-    assert embedded["model_config"] == saved  # values, not the files beside the weights: Deploy has no such files
+    assert all(embedded[k] == inference[k] for k in inference if k != "threshold")  # the shipped sizes already
     shipped = json.loads((REPO / bundle / "models" / "thresholds.json").read_text())
-    assert embedded["threshold"] == shipped["threshold"]
+    assert embedded["threshold"] == shipped["threshold"]  # a value: Deploy has no file beside the weights
 
     bundle_imports(bundle)
     parser = bundle_parser(bundle, "inference.json", "demo.json")
@@ -51,3 +49,26 @@ def test_export_writes_model_ts_that_reproduces_eager_outputs(bundle, bundle_imp
         volume = torch.zeros(1, 1, 64, 64, 6)
         volume[:, :, 12:52, 10:54] = torch.rand(1, 1, 40, 44, 6) * 0.8 + 0.1
         torch.testing.assert_close(inferer(volume, traced), inferer(volume, eager), atol=1e-4, rtol=0)
+
+
+def test_export_embeds_the_sizes_and_threshold_it_ran_with(tmp_path):
+    """An export with overlays (here the tests' tiny sizes) embeds their values in ``inference.json``: MONAI Deploy
+    reads that config alone."""
+    from uad.export import export_torchscript
+
+    bundle = REPO / "autoddpm_bundle"
+    sizes = {"pixdim": [6.0, 6.0, 6.0], "network_def": {"channels": [8, 16, 16], "num_head_channels": 8}}
+    path = export_torchscript(
+        tiny_diffusion_unet(conditioned=False),
+        tmp_path / "model.ts",
+        bundle / "configs" / "metadata.json",
+        bundle / "configs" / "inference.json",
+        (32, 32),
+        sizes=sizes,
+        threshold=0.25,
+    )
+    _, _, extra = load_net_with_metadata(str(path), more_extra_files=["inference.json"])
+    embedded = json.loads(extra["inference.json"])
+    assert embedded["pixdim"] == [6.0, 6.0, 6.0] and embedded["threshold"] == 0.25
+    assert embedded["network_def"]["channels"] == [8, 16, 16] and embedded["network_def"]["num_head_channels"] == 8
+    assert embedded["network_def"]["norm_num_groups"] == 16  # what the overlays leave stays as written

@@ -1,17 +1,23 @@
-"""MONAI Deploy's contract with a bundle, applied as ``MonaiBundleInferenceOperator`` (monai-deploy-app-sdk 4.0,
-``monai/deploy/operators/monai_bundle_inference_operator.py``) applies it to ``models/model.ts``, on a DICOM series.
+"""MONAI Deploy's contract with a bundle: ``scripts/deploy_app.py`` run with the real SDK (``monai-deploy-app-sdk`` 4.0,
+installed from ``requirements-deploy.txt``; skipped without it) on a DICOM series, its DICOM SEG read back; and, for the
+lean install (``requirements.txt``, no SDK), a stand-in that applies the exported bundle as
+``MonaiBundleInferenceOperator`` (``monai/deploy/operators/monai_bundle_inference_operator.py``) applies
+``models/model.ts``.
 
-The SDK needs NVIDIA's Holoscan, which does not run here, so each step follows its source: the configs read from
-``<file stem>/extra/`` in the TorchScript archive (read_meta, read_config, parse; no ``bundle_root`` set), LoadImage*
-and SaveImage* steps dropped from the top level of pre- and post-processing, the series volume as
-``DICOMSeriesToVolumeOperator`` makes it (slices, rows, columns) swapped to (columns, rows, slices) without a channel,
-``inferer(inputs=x[None], network=net, **other tensor inputs)``, post-processing on ``{"pred": output, **inputs}``, and
-``pred`` squeezed, swapped back and cast to uint8; then the SEG as ``DICOMSegmentationWriterOperator`` writes it.
+The stand-in follows the operator's source: the configs read from ``<file stem>/extra/`` in the TorchScript archive
+(read_meta, read_config, parse; no ``bundle_root`` set), LoadImage* and SaveImage* steps dropped from the top level of
+pre- and post-processing, the series volume as ``DICOMSeriesToVolumeOperator`` makes it (slices, rows, columns) swapped
+to (columns, rows, slices) without a channel, ``inferer(inputs=x[None], network=net, **other tensor inputs)``,
+post-processing on ``{"pred": output, **inputs}``, and ``pred`` squeezed, swapped back and cast to uint8; then the SEG
+as ``DICOMSegmentationWriterOperator`` writes it.
 """
 
 from __future__ import annotations
 
 import json
+import resource
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +25,7 @@ import highdicom as hd
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, bundle_parser
+from conftest import REPO, bundle_parser, subprocess_env
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImage
@@ -27,6 +33,7 @@ from monai.utils import ensure_tuple
 from pydicom import dcmread
 from pydicom.sr.codedict import codes
 from test_dicom import write_series
+from uad.io import write_thresholds
 
 sys.path.insert(0, str(REPO / "scripts"))
 import deploy_app  # noqa: E402
@@ -38,7 +45,7 @@ def export(tmp_path: Path, threshold: float | None) -> Path:
     """``configs/export.json`` on the cDDPM bundle, with ``threshold`` calibrated (None: no threshold file)."""
     threshold_file = tmp_path / "thresholds.json"
     if threshold is not None:
-        threshold_file.write_text(json.dumps({"threshold": threshold, "method": "test"}))
+        write_thresholds(threshold_file, {"test": threshold}, "test", REPO / "cddpm_bundle" / "models" / "model.pt")
     path = tmp_path / f"exported_{threshold is not None}" / "model.ts"
     parser = bundle_parser("cddpm_bundle", "inference.json", "export.json")
     parser.update({"export_path": str(path), "threshold_file": str(threshold_file), "device": "$torch.device('cpu')"})
@@ -88,6 +95,28 @@ def series_volume(series: Path) -> tuple[list, MetaTensor]:
     return datasets, MetaTensor.ensure_torch_and_prune_meta(torch.as_tensor(converted), meta)
 
 
+def own_mask(series: Path, model_ts: Path, tmp_path: Path) -> np.ndarray:
+    """The mask of the bundle's own run on ``series`` (LoadImage, NIfTI out) with the threshold ``model_ts`` embeds,
+    as (slices, rows, columns) in the order of ``series_volume``."""
+    import nibabel as nib
+
+    own = tmp_path / "own"
+    inference = bundle_parser("cddpm_bundle", "inference.json")
+    overrides = {"input_file": str(series), "output_dir": str(own), "device": "$torch.device('cpu')"}
+    inference.update({**overrides, "threshold_file": str(model_ts.parent.parent / "thresholds.json")})
+    inference.get_parsed_content("evaluator").run()
+    return np.swapaxes(nib.load(own / "series_anomaly_mask.nii.gz").get_fdata(), 0, 2)  # WHD -> DHW
+
+
+def demo_series(demo_cohort: Path, folder: Path) -> Path:
+    """The first tumour case of the demo cohort written as one MR DICOM series."""
+    import nibabel as nib
+
+    case = nib.load(next((demo_cohort / "Test" / "Tumour" / "t2").glob("*.nii.gz")))
+    write_series(folder, case.get_fdata(), spacing=tuple(float(z) for z in case.header.get_zooms()))
+    return folder
+
+
 def run_operator(parser: ConfigParser, network: torch.nn.Module, image: MetaTensor) -> np.ndarray:
     """``compute`` of the operator for one input named ``image`` and one output ``pred`` of type image."""
     meta = parser["_meta_"]["network_data_format"]
@@ -125,11 +154,7 @@ def test_operator_runs_the_exported_bundle_on_a_dicom_series_and_the_seg_writer_
     tmp_path, bundle_imports, demo_cohort
 ):
     bundle_imports("cddpm_bundle")
-    import nibabel as nib
-
-    case = nib.load(next((demo_cohort / "Test" / "Tumour" / "t2").glob("*.nii.gz")))
-    series = tmp_path / "series"
-    write_series(series, case.get_fdata(), spacing=tuple(float(z) for z in case.header.get_zooms()))
+    series = demo_series(demo_cohort, tmp_path / "series")
     model_ts = export(tmp_path, 0.02)
     meta = deploy_app.check_model(model_ts)
 
@@ -141,12 +166,7 @@ def test_operator_runs_the_exported_bundle_on_a_dicom_series_and_the_seg_writer_
 
     assert mask.dtype == np.uint8 and mask.shape == (len(datasets), int(datasets[0].Rows), int(datasets[0].Columns))
     assert set(np.unique(mask)) == {0, 1}  # the binary anomaly mask, unharmed by the uint8 cast
-    own = tmp_path / "own"  # the bundle's own run on the same series (LoadImage, NIfTI out)
-    inference = bundle_parser("cddpm_bundle", "inference.json")
-    overrides = {"input_file": str(series), "output_dir": str(own), "device": "$torch.device('cpu')"}
-    inference.update({**overrides, "threshold_file": str(model_ts.parent.parent / "thresholds.json")})
-    inference.get_parsed_content("evaluator").run()
-    expected = np.swapaxes(nib.load(own / "series_anomaly_mask.nii.gz").get_fdata(), 0, 2)  # WHD -> DHW
+    expected = own_mask(series, model_ts, tmp_path)
     assert expected.shape == mask.shape and (expected == mask).mean() > 0.999  # same voxels, same orientation
 
     segment = hd.seg.SegmentDescription(
@@ -174,3 +194,54 @@ def test_operator_runs_the_exported_bundle_on_a_dicom_series_and_the_seg_writer_
         device_serial_number="0000",
     )
     assert int(seg.NumberOfFrames) == int((mask.reshape(len(datasets), -1) > 0).any(axis=1).sum())
+
+
+def raise_stack_limit() -> None:
+    """Holoscan's recommended stack size (``ulimit -s 32768``), where the hard limit allows it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    wanted = 32 * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_STACK, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
+
+
+def test_deploy_app_with_the_real_sdk_writes_the_bundle_mask_as_a_seg_of_the_series(
+    tmp_path, bundle_imports, demo_cohort
+):
+    pytest.importorskip(
+        "monai.deploy.operators.monai_bundle_inference_operator",
+        reason="MONAI Deploy App SDK 4.0 not installed (pip install --no-deps -r requirements-deploy.txt)",
+    )
+    bundle_imports("cddpm_bundle")
+    series = demo_series(demo_cohort, tmp_path / "series")
+    model_ts = export(tmp_path, 0.02)
+    bundle = tmp_path / "bundle"  # what deploy_app needs of a bundle folder: models/model.ts and the scripts it imports
+    (bundle / "models").mkdir(parents=True)
+    shutil.copy(model_ts, bundle / "models" / "model.ts")
+    (bundle / "scripts").symlink_to(REPO / "cddpm_bundle" / "scripts")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "scripts" / "deploy_app.py"), "--bundle", str(bundle), "-i", str(series)]
+    result = subprocess.run(
+        [*cmd, "-o", str(out)],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=raise_stack_limit,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    (seg_file,) = out.glob("*.dcm")
+
+    seg = hd.seg.segread(seg_file)
+    datasets, _ = series_volume(series)
+    uids = [ds.SOPInstanceUID for ds in datasets]
+    assert seg.SegmentSequence[0].SegmentLabel == "anomaly" and seg.SeriesInstanceUID != datasets[0].SeriesInstanceUID
+    assert seg.StudyInstanceUID == datasets[0].StudyInstanceUID
+    referenced = [
+        frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for frame in seg.PerFrameFunctionalGroupsSequence
+    ]
+    assert referenced and set(referenced) <= set(uids)  # every frame on a slice of the series
+    mask = seg.get_pixels_by_source_instance(uids, segment_numbers=[1])[..., 0]  # slices without a frame: zeros
+    expected = own_mask(series, model_ts, tmp_path)
+    assert set(np.unique(expected)) == {0, 1} and len(referenced) == int(expected.any(axis=(1, 2)).sum())
+    assert expected.shape == mask.shape and (expected == mask).mean() > 0.999  # same voxels on the same slices

@@ -1,8 +1,9 @@
-"""MONAI Label's contract with a bundle, driven as its ``monaibundle`` app's tasks drive one, on a copy of each bundle
-placed as the app keeps it (``<app>/model/<name>``).
+"""MONAI Label's contract with a bundle, on a copy of each bundle placed as a MONAI Label app keeps it
+(``<app>/model/<name>``): MONAI Label 0.8.5's own ``BundleInferTask`` and ``BundleTrainTask`` (installed from
+``requirements-label.txt``; skipped without it), and, for the lean install (``requirements.txt``, no MONAI Label), a
+stand-in that drives the bundle as those tasks do.
 
-MONAI Label itself does not install beside numpy 2 (its ``pydicom-seg`` needs numpy < 2), so each step below follows
-its source (MONAILabel main: ``monailabel/tasks/infer/bundle.py``, ``tasks/infer/basic_infer.py``,
+The stand-in follows their source (``monailabel/tasks/infer/bundle.py``, ``tasks/infer/basic_infer.py``,
 ``transform/pre.py`` ``LoadImageTensord``, ``transform/post.py`` ``Restored``, ``tasks/train/bundle.py``): the
 config read alone, ``bundle_root`` and ``device`` (a plain string) set on the parser, ``network_def`` built and
 ``models/model.pt`` loaded with ``strict=False``, every ``LoadImaged`` wrapped so that each of its keys must be in the
@@ -18,6 +19,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -28,6 +30,7 @@ from monai.bundle import ConfigItem, ConfigParser
 from monai.bundle import run as bundle_run
 from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged, Resize, SaveImaged
+from uad.io import write_thresholds
 
 BUNDLES = ["cddpm_bundle", "autoddpm_bundle"]
 
@@ -39,9 +42,9 @@ def app_bundle(tmp_path, monkeypatch):
     def place(bundle: str) -> Path:
         path = tmp_path / "app" / "model" / bundle
         shutil.copytree(REPO / bundle, path, symlinks=True)
-        if bundle == "autoddpm_bundle":  # a short DDIM sampler, set in the app's copy as a user would (4 passes)
+        if bundle == "autoddpm_bundle":  # a shorter DDIM sampler, set in the app's copy as a user would (4 passes)
             config = path / "configs" / "inference.json"
-            fast = {"sampler": "ddim", "ddim_mask_steps": 2, "ddim_resample_steps": 1, "resample_repeats": 2}
+            fast = {"ddim_mask_steps": 2, "ddim_resample_steps": 1, "resample_repeats": 2}
             config.write_text(json.dumps({**json.loads(config.read_text()), **fast}, indent=4))
         for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
             monkeypatch.delitem(sys.modules, name)  # unload_module("scripts")
@@ -160,7 +163,7 @@ def test_infer_task_returns_the_anomaly_label_volume_in_the_input_geometry(bundl
     assert isinstance(data["image_path"], str) and data["image_path"] == str(image)  # the writer's extension
 
     threshold = float(np.quantile(amap.get_fdata()[amap.get_fdata() > 0], 0.9))
-    (path / "models" / "thresholds.json").write_text(json.dumps({"threshold": threshold, "method": "test"}))
+    write_thresholds(path / "models" / "thresholds.json", {"test": threshold}, "test", path / "models" / "model.pt")
     data, _ = monai_label_infer(path, str(image))
     label = write_result(data, tmp_path / "label.nii.gz")
     values = np.unique(label.get_fdata())
@@ -220,6 +223,93 @@ def test_train_task_leaves_a_model_pt_that_the_infer_task_loads(app_bundle, demo
     trained = torch.load(path / "models" / "model.pt", weights_only=True)
     assert trained.keys() == shipped.keys()
     assert any(not torch.equal(trained[k], shipped[k]) for k in shipped)  # trained on from model.pt
+    assert json.loads((path / "models" / "thresholds.json").read_text())["stale"]  # calibrated on the old weights
     image = next((demo_cohort / "Test" / "Tumour" / "t2").glob("*.nii.gz"))
     data, _ = monai_label_infer(path, str(image))
     assert tuple(data["pred"].shape) == nib.load(image).shape
+    assert len(np.unique(np.asarray(data["pred"]))) > 2  # the anomaly map: no mask at a threshold of other weights
+
+
+@pytest.fixture
+def monailabel_tasks(monkeypatch) -> SimpleNamespace:
+    """MONAI Label 0.8.5's bundle tasks, or a skip when it is not installed.
+
+    ``monailabel.transform.post`` imports ``torchvision.utils`` (``make_grid``, ``save_image``, which the bundle tasks
+    never call); where torchvision does not import (absent, or PyPI's CUDA build beside the CPU torch) an empty
+    stand-in is put in its place for this test.
+    """
+    pytest.importorskip(
+        "monailabel", reason="MONAI Label 0.8.5 not installed (pip install --no-deps -r requirements-label.txt)"
+    )
+    try:
+        import torchvision.utils  # noqa: F401
+    except Exception:
+        utils = ModuleType("torchvision.utils")
+        utils.make_grid = utils.save_image = None
+        torchvision = ModuleType("torchvision")
+        torchvision.utils = utils
+        monkeypatch.setitem(sys.modules, "torchvision", torchvision)
+        monkeypatch.setitem(sys.modules, "torchvision.utils", utils)
+    from monailabel.tasks.infer.bundle import BundleInferTask
+    from monailabel.tasks.train.bundle import BundleTrainTask
+
+    class CpuTrainTask(BundleTrainTask):
+        """The train task with the DataLoader workers of the tests (``_update_overrides``, MONAI Label's hook)."""
+
+        def _update_overrides(self, overrides: dict) -> dict:
+            overrides["num_workers"] = 0
+            return overrides
+
+    return SimpleNamespace(infer=BundleInferTask, train=CpuTrainTask)
+
+
+class Datastore:
+    """What ``BundleTrainTask`` reads of MONAI Label's datastore: ``datalist()``, the labelled images."""
+
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def datalist(self) -> list[dict]:
+        return self.items
+
+
+def real_infer(tasks: SimpleNamespace, path: Path, image: Path) -> tuple[nib.Nifti1Image, dict]:
+    """One request to MONAI Label's ``BundleInferTask`` on the app's bundle: the label file it writes, and its json."""
+    task = tasks.infer(str(path), {})
+    assert task.is_valid()
+    label_file, result = task({"image": str(image), "device": "cpu"})
+    return nib.load(label_file), result
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_monai_label_infer_task_returns_the_label_volume_in_the_input_geometry(
+    bundle, app_bundle, monailabel_tasks, demo_cohort
+):
+    path = app_bundle(bundle)
+    image = next((demo_cohort / "Test" / "Tumour" / "t2").glob("*.nii.gz"))
+    source = nib.load(image)
+    label, result = real_infer(monailabel_tasks, path, image)  # the shipped model.pt and thresholds.json
+    assert result["label_names"] == {"anomaly": 1}
+    assert label.shape == source.shape and np.allclose(label.affine, source.affine, atol=1e-4)
+    assert set(np.unique(label.get_fdata())) == {0.0, 1.0}  # the labels of channel_def: 0 background, 1 anomaly
+
+
+def test_monai_label_train_task_fine_tunes_model_pt_and_the_infer_task_loads_it(
+    app_bundle, monailabel_tasks, demo_cohort
+):
+    path = app_bundle("cddpm_bundle")
+    cases = sorted((demo_cohort / "Train" / "ixi" / "t2").glob("*.nii.gz"))[:4]
+    datalist = [{"image": str(c), "label": str(c).replace("/t2/", "/mask/").replace("_t2.", "_mask.")} for c in cases]
+    shipped = torch.load(path / "models" / "model.pt", weights_only=True)
+    task = monailabel_tasks.train(str(path), {})
+    assert task.is_valid()
+    request = {"model": path.name, "max_epochs": 1, "val_split": 0.25, "device": "cpu", "multi_gpu": False}
+    task(request, Datastore(datalist))  # 3 volumes to train on, 1 to validate, from the shipped model.pt
+    trained = torch.load(path / "models" / "model.pt", weights_only=True)
+    assert trained.keys() == shipped.keys()
+    assert any(not torch.equal(trained[k], shipped[k]) for k in shipped)  # trained on from model.pt
+    image = next((demo_cohort / "Test" / "Tumour" / "t2").glob("*.nii.gz"))
+    assert json.loads((path / "models" / "thresholds.json").read_text())["stale"]  # calibrated on the old weights
+    label, _ = real_infer(monailabel_tasks, path, image)
+    assert label.shape == nib.load(image).shape and np.isfinite(label.get_fdata()).all()
+    assert len(np.unique(label.get_fdata())) > 2  # the anomaly map: no mask at a threshold of other weights

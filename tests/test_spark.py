@@ -42,8 +42,8 @@ def tiny_encoder(width: int = 8) -> ResNet:
 
 
 def bundle_tiny_encoder() -> ResNet:
-    """The encoder the bundle configs build with the TINY overrides (ResNet-50 layout, width 8)."""
-    return ResNet("bottleneck", [3, 4, 6, 3], [8] * 4, spatial_dims=2, n_input_channels=1, num_classes=16)
+    """The encoder the bundle configs build with the TINY overrides (the shipped model's layout, width 8)."""
+    return tiny_encoder()
 
 
 def tiny_cddpm() -> ConditionedDiffusionModel:
@@ -211,8 +211,7 @@ def test_mismatched_encoder_file_fails_loudly(tmp_path):
 
 def test_config_hyperparameters_and_demo_overrides(demo_cohort, bundle_imports):
     bundle_imports("cddpm_bundle")
-    paper = parser("train.json", "pretrain_encoder.json")
-    paper["model_config"] = {}  # the config's own sizes, not those of the demo network shipped in models/
+    paper = parser("train.json", "pretrain_encoder.json", "paper.json")
     assert paper["optimizer"]["_target_"] == "torch.optim.AdamW" and paper["learning_rate"] == 1e-4
     assert paper["weight_decay"] == 0.05 and paper["betas"] == [0.9, 0.95] and paper["batch_size"] == 32
     assert paper["mask_ratio"] == 0.65 and paper.get_parsed_content("patch_size") == 32  # 3x3 grid at 96 px

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from ignite.engine import Engine
 from ignite.handlers import EMAHandler, ProgressBar
 from monai.handlers import CheckpointSaver, LrScheduleHandler, StatsHandler, TensorBoardStatsHandler, ValidationHandler
-from uad.io import read_model_config, write_model_config
+from uad.files import file_digest
+from uad.io import check_model_config, mark_thresholds_stale, read_threshold, write_model_config, write_thresholds
 from uad.training import (
     FinalModelFallback,
     latest_checkpoint,
@@ -110,23 +113,59 @@ def test_final_model_fallback_saves_final_weights_only_without_a_validated_model
     assert all(not v.any() for v in torch.load(tmp_path / "models" / "model.pt", weights_only=True).values())
 
 
-def test_model_config_is_written_flat_and_read_back_with_clear_errors(tmp_path, caplog):
+def test_recorded_sizes_are_checked_never_adopted(tmp_path):
     folder = tmp_path / "models"
-    write_model_config(folder, {"pixdim": [3.0, 3.0, 3.0], "unet": {"channels": [8, 16, 16], "num_res_blocks": 1}})
-    expected = {"pixdim": [3.0, 3.0, 3.0], "unet.channels": [8, 16, 16], "unet.num_res_blocks": 1}
-    assert read_model_config(folder / "model.pt") == expected and not list(folder.glob(".*tmp*"))
-    assert read_model_config(tmp_path / "empty" / "model.pt") == {}  # no file: the config's own sizes
-    assert read_model_config(folder / "model.pt", training=True) == {}  # sizes without weights: not applied
+    sizes = {"pixdim": [3.0, 3.0, 3.0], "unet": {"channels": [8, 16, 16], "num_res_blocks": 1}}
+    write_model_config(folder, sizes)
+    recorded = json.loads((folder / "model_config.json").read_text())
+    assert recorded == {"pixdim": [3.0, 3.0, 3.0], "unet#channels": [8, 16, 16], "unet#num_res_blocks": 1}
+    assert not list(folder.glob(".*tmp*"))
+    check_model_config(folder / "model.pt", sizes)  # the same sizes: nothing to say
+    wider = {**sizes, "unet": {"channels": [16, 32, 32], "num_res_blocks": 1}}
+    with pytest.raises(
+        ValueError,
+        match=r"model_config\.json\) than the config files set \(unet#channels: \[8, 16, 16\] "
+        r"there, \[16, 32, 32\] here\)",
+    ):
+        check_model_config(folder / "model.pt", wider)
+    with pytest.raises(ValueError, match=r"other/model\.pt: no model_config\.json beside the weights"):
+        check_model_config(tmp_path / "other" / "model.pt", sizes)  # a second model folder without its sizes
+
+    write_model_config(folder, wider)  # no weights yet: a new run records its own sizes
     torch.save({}, folder / "model.pt")
-    with caplog.at_level("WARNING", logger="uad.io"):
-        assert read_model_config(folder / "model.pt", training=True) == expected
-    assert "training keeps its sizes" in caplog.text and "unet.channels=[8, 16, 16]" in caplog.text
-    write_model_config(folder, {"pixdim": [3.0, 3.0, 3.0], "unet.channels": [8, 16, 16], "unet.num_res_blocks": 1})
-    with pytest.raises(ValueError, match="holds a model of other sizes"):  # else model.pt and sizes disagree
-        write_model_config(folder, {"pixdim": [2.0, 2.0, 2.0]})
+    with pytest.raises(
+        ValueError,
+        match=r"model\.pt was trained with other sizes .* \(unet#channels: \[16, 32, 32\] "
+        r"there, \[8, 16, 16\] here\): train into an empty ckpt_dir",
+    ):
+        write_model_config(folder, sizes)  # training would overwrite weights of other sizes
+    (folder / "model_config.json").unlink()
+    with pytest.raises(ValueError, match="has no model_config.json beside it: a training run"):
+        write_model_config(folder, sizes)
     (folder / "model_config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"model_config\.json: not a JSON file"):
-        read_model_config(folder / "model.pt")
+        check_model_config(folder / "model.pt", sizes)
     (folder / "model_config.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match="expected a JSON object of config values, got list"):
-        read_model_config(folder / "model.pt")
+    with pytest.raises(ValueError, match="expected a JSON object of network sizes, got list"):
+        check_model_config(folder / "model.pt", sizes)
+
+
+def test_a_threshold_applies_only_to_the_weights_it_was_calibrated_on(tmp_path, caplog):
+    weights = tmp_path / "models" / "model.pt"
+    weights.parent.mkdir()
+    torch.save(Net().state_dict(), weights)
+    path = tmp_path / "models" / "thresholds.json"
+    write_thresholds(path, {"best_dice_val": 0.25, "fpr_5": 0.1}, "best_dice_val", weights)
+    assert json.loads(path.read_text())["weights_sha256"] == file_digest(weights)
+    assert read_threshold(path, weights) == 0.25 and read_threshold(path) == 0.25
+    torch.save(Net(width=5).state_dict(), weights)  # other weights in the same file
+    with caplog.at_level("WARNING", logger="uad.io"):
+        assert read_threshold(path, weights) is None
+    assert "calibrated on other weights" in caplog.text and "without a mask" in caplog.text
+    write_thresholds(path, {"best_dice_val": 0.25}, "best_dice_val", weights)
+    assert mark_thresholds_stale(tmp_path / "models") == path  # a training run starts in the folder
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="uad.io"):
+        assert read_threshold(path, weights) is None
+    assert "a training run started in" in caplog.text
+    assert mark_thresholds_stale(tmp_path / "empty") is None

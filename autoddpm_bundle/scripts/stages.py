@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import os
+from collections.abc import Callable, Hashable, Mapping
 
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import Invertd, MapTransform, SaveImaged
 
+from .inferer import STAGE_KEYS
 from .uad.inference import MaskedPrepareBatch
+from .uad.io import AtomicNibabelWriter
 
-__all__ = ["FlattenStagesd", "StagesPrepareBatch"]
+__all__ = ["FlattenStagesd", "SaveStagesd", "StagesPrepareBatch"]
+
+BINARY_STAGES = ("stitch_mask",)  # inverted with nearest neighbours, saved as uint8
+STAGE_POSTFIXES = {"reconstruction": "stage1_reconstruction"}  # file postfix where it is not the key
 
 
 class StagesPrepareBatch(MaskedPrepareBatch):
@@ -52,4 +58,43 @@ class FlattenStagesd(MapTransform):
         for key in self.key_iterator(d):
             if isinstance(d[key], Mapping):
                 d.update(d.pop(key))
+        return d
+
+
+class SaveStagesd(MapTransform):
+    """Write the stage outputs (``STAGE_KEYS``, those present) in the input's geometry, each as
+    ``<case>_<postfix>.nii.gz`` beside the anomaly map: inverted through ``preprocessing`` (nearest neighbours and
+    uint8 for the binary stitch mask, linear and float32 otherwise), written atomically.
+
+    Args:
+        preprocessing: the transforms that brought the input onto the model grid.
+        output_dir: the folder of the anomaly maps.
+        orig_key: the preprocessed input whose applied operations are inverted.
+    """
+
+    def __init__(self, preprocessing: Callable, output_dir: str | os.PathLike, orig_key: str = "image") -> None:
+        super().__init__(STAGE_KEYS, allow_missing_keys=True)
+        binary = [key in BINARY_STAGES for key in STAGE_KEYS]
+        self.invert = Invertd(
+            STAGE_KEYS, preprocessing, orig_key, nearest_interp=binary, to_tensor=True, allow_missing_keys=True
+        )
+        self.savers = {
+            key: SaveImaged(
+                key,
+                output_dir=output_dir,
+                output_postfix=STAGE_POSTFIXES.get(key, key),
+                output_ext=".nii.gz",
+                output_dtype=torch.uint8 if is_binary else torch.float32,
+                resample=False,
+                separate_folder=False,
+                print_log=False,
+                writer=AtomicNibabelWriter,
+            )
+            for key, is_binary in zip(STAGE_KEYS, binary, strict=True)
+        }
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = self.invert(dict(data))
+        for key in self.key_iterator(d):
+            d = self.savers[key](d)
         return d

@@ -462,7 +462,8 @@ def check_cases(
 ) -> int:
     """The start-up pass over every case of a run, before any long work: files and geometries
     (:func:`validate_entries`) and voxels (finite, non-constant images; binary, non-empty brain masks; segmentation
-    labels), with a progress bar; then a warning for each pair of splits that share cases.
+    labels), with a progress bar; one warning for the cases without a brain mask (how many, the first few names),
+    then one for each pair of splits that share cases.
 
     Args:
         splits: the entries of each split the run uses, ``{"training": [...], "validation": [...]}``.
@@ -492,6 +493,15 @@ def check_cases(
                     "(give the files distinct names)"
                 )
     validate_entries(entries)
+    unmasked = [case_name(e["image"]) for e in entries if not e.get("mask")]
+    if unmasked:
+        logger.warning(
+            "%d of %d case(s) have no brain mask given (%s%s): a foreground mask is derived from each image",
+            len(unmasked),
+            len(entries),
+            ", ".join(unmasked[:3]),
+            " ..." if len(unmasked) > 3 else "",
+        )
     for entry in tqdm(entries, desc="checking data", unit="case", disable=len(entries) < 10):
         _check_contents(entry)
     named = {**splits, **(reference or {})}

@@ -12,15 +12,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from monai.bundle import ConfigParser
 from monai.data import save_net_with_metadata
 from torch import nn
 
 from .backends import example_inputs, tracing
 from .files import atomic_output, remove_stale_temporaries
+from .io import config_ids
 
 __all__ = ["export_torchscript", "trace_network"]
 
@@ -60,14 +62,15 @@ def export_torchscript(
     config_file: str | os.PathLike,
     example_size: Sequence[int],
     condition: bool = False,
-    resolved: dict | None = None,
+    sizes: Mapping | None = None,
+    threshold: float | None = None,
 ) -> Path:
     """Trace ``network`` (see ``trace_network``) and write it to ``path`` (e.g. ``models/model.ts``) atomically, with
     ``metadata.json`` (the bundle's metadata plus versions) and ``inference.json`` embedded; returns the path.
 
-    ``resolved`` replaces top-level keys of the embedded ``inference.json`` with values, e.g. the network sizes
-    (``model_config``) and the calibrated ``threshold``, which the bundle reads from files beside the weights: MONAI
-    Deploy runs the embedded config without those files.
+    The embedded ``inference.json`` holds the values this export ran with where overlays or files beside the weights
+    set them: the network ``sizes`` and input grid (nested as in the config) and the calibrated ``threshold``. MONAI
+    Deploy runs the embedded config alone.
 
     The file is written under its final name in a temporary folder beside it (``atomic_output(keep_name=True)``),
     then moved: TorchScript archives name their root folder after the file, and MONAI Deploy finds the embedded
@@ -76,14 +79,16 @@ def export_torchscript(
     path = Path(path)
     traced = trace_network(network, example_size, condition)
     meta = json.loads(Path(meta_file).read_text())
-    config = {**json.loads(Path(config_file).read_text()), **(resolved or {})}
+    config = ConfigParser(json.loads(Path(config_file).read_text()))
+    for config_id, value in {**config_ids(sizes or {}), "threshold": threshold}.items():
+        config[config_id] = value
     remove_stale_temporaries(path.parent)
     with atomic_output(path, keep_name=True) as staged:
         save_net_with_metadata(
             traced,
             str(staged),
             meta_values=meta,
-            more_extra_files={"inference.json": json.dumps(config, indent=4).encode()},
+            more_extra_files={"inference.json": json.dumps(config.config, indent=4).encode()},
         )
     logger.info("TorchScript network with metadata.json and inference.json written to %s", path)
     return path

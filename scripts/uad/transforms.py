@@ -189,7 +189,8 @@ class DeriveBrainMaskd(MapTransform):
     The mask is the largest connected component of ``image > min + threshold * (robust max - min)`` with holes filled,
     per volume (relative to the minimum, so z-scored images with a negative background work too).
     For skull-stripped images this is the brain; otherwise it is the head, which the metadata records as
-    ``mask_derived = True`` (and a warning names the file) so results are not mistaken for brain-masked ones.
+    ``mask_derived = True`` so results are not mistaken for brain-masked ones; the start-up pass over the cases
+    (:func:`~uad.data.check_cases`) warns once for all such files.
     """
 
     def __init__(self, image_key: str = "image", mask_key: str = "mask", threshold: float = 0.05) -> None:
@@ -213,7 +214,7 @@ class DeriveBrainMaskd(MapTransform):
         mask = ndimage.binary_fill_holes(labels == largest)
         if mask.ndim == 3:  # also fill holes slice by slice (ventricles touching the volume border)
             mask = np.stack([ndimage.binary_fill_holes(mask[..., k]) for k in range(mask.shape[-1])], axis=-1)
-        logger.warning("%s: no brain mask given, using a derived foreground mask", source_file(image))
+        logger.debug("%s: no brain mask given, using a derived foreground mask", source_file(image))
         mask_t = torch.as_tensor(mask[None].astype(np.float32))
         if isinstance(image, MetaTensor):
             mask_t = MetaTensor(mask_t, meta=dict(image.meta), applied_operations=list(image.applied_operations))
@@ -321,7 +322,7 @@ class BinariseAnomalyd(MapTransform):
         threshold: the calibrated threshold, or None.
         mask_key: brain mask key; voxels outside are never anomalous.
         out_key: key of the binary output.
-        min_component_size: components of at most this many voxels (26-connectivity) are removed.
+        min_component_size: the smallest component (26-connectivity) kept; smaller ones are removed.
     """
 
     def __init__(
@@ -330,7 +331,7 @@ class BinariseAnomalyd(MapTransform):
         threshold: float | None = None,
         mask_key: str = "mask",
         out_key: str = "pred_mask",
-        min_component_size: int = 7,
+        min_component_size: int = 8,
     ) -> None:
         super().__init__(keys)
         self.threshold = threshold

@@ -23,7 +23,7 @@ from .calibration import calibrate_thresholds, default_threshold, has_lesion
 from .data import case_name
 from .figures import save_overlay, save_pr_curve
 from .files import atomic_output, atomic_write_csv, remove_stale_temporaries
-from .io import write_json, write_thresholds
+from .io import THRESHOLDS_FILE, write_json, write_thresholds
 from .metrics import (
     average_precision,
     in_brain_voxels,
@@ -184,9 +184,10 @@ def evaluate_cases(
     test_cases: Sequence[Mapping[str, Any]],
     out_dir: str | os.PathLike,
     fprs: Sequence[float] = (0.01, 0.05, 0.10),
-    min_component_size: int = 7,
+    min_component_size: int = 8,
     n_overlays: int = 4,
     extra: Mapping[str, Any] | None = None,
+    weights: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Calibrate thresholds on validation cases, evaluate test cases, write metrics, plots and ``thresholds.json``.
 
@@ -198,7 +199,8 @@ def evaluate_cases(
 
     Writes to ``out_dir`` (each file atomically): ``metrics.json``, ``per_volume.csv``, ``pr_curve.png``,
     ``overlays/<name>.png`` (lesion cases first) and ``thresholds.json`` (``{"threshold", "method",
-    "thresholds"}``, read by inference; when nothing could be calibrated it is not written and a stale one removed).
+    "thresholds", "weights_sha256"}`` with the digest of ``weights``, the file the maps came from; read by inference;
+    when nothing could be calibrated it is not written and a stale one removed).
     ``extra`` (e.g. the method's settings) is stored as is under ``"extra"`` in ``metrics.json``.
 
     Returns:
@@ -231,7 +233,7 @@ def evaluate_cases(
         "thresholds": thresholds,
         "threshold_method": method,
         "binarisation": f"anomaly_map > threshold inside the brain mask, then 3D components (26-connectivity) of "
-        f"at most {min_component_size} voxels removed",
+        f"fewer than {min_component_size} voxels removed",
         "summary": summarise(rows),
         "pooled_test": pooled,
         "slice_auroc": slice_auroc,
@@ -253,7 +255,7 @@ def evaluate_cases(
         metrics["extra"] = dict(extra)
     atomic_write_csv(out_dir / "per_volume.csv", rows)
     write_json(out_dir / "metrics.json", metrics)
-    write_thresholds(out_dir / "thresholds.json", thresholds, method)
+    write_thresholds(out_dir / THRESHOLDS_FILE, thresholds, method, weights)
     for case in sorted(test_cases, key=lambda c: not has_lesion(c))[:n_overlays]:
         save_overlay(
             out_dir / "overlays" / f"{_safe_name(case['name'])}.png",
@@ -293,9 +295,10 @@ def evaluate(
     test_entries: Sequence[dict],
     output_dir: str | os.PathLike,
     threshold_file: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     fprs: Sequence[float] = (0.01, 0.05, 0.10),
-    min_component_size: int = 7,
+    min_component_size: int = 8,
     n_overlays: int = 4,
     extra: dict[str, Any] | None = None,
     healthy_memo: dict[tuple, dict[str, Any]] | None = None,
@@ -310,8 +313,9 @@ def evaluate(
     ``recompute`` infers them all again. ``may_be_zero``: see :func:`~uad.transforms.check_anomaly_map`.
 
     Writes the outputs of :func:`evaluate_cases` to ``output_dir`` (with ``extra``, e.g. the inferer's settings,
-    under ``"extra"`` in ``metrics.json``), copies the calibrated ``thresholds.json`` to ``threshold_file`` (where
-    inference looks for it) and prints the metrics table. ``healthy_memo``: see :func:`collect_cases`.
+    under ``"extra"`` in ``metrics.json``), copies the calibrated ``thresholds.json`` (naming ``weights``, the file
+    the network's weights came from) to ``threshold_file`` (where inference looks for it) and prints the metrics
+    table. ``healthy_memo``: see :func:`collect_cases`.
     """
     options: dict[str, Any] = {"may_be_zero": may_be_zero}
     if cache_key:
@@ -320,7 +324,7 @@ def evaluate(
         val_entries, preprocessing, inferer, network, device, desc="validation", healthy_memo=healthy_memo, **options
     )
     test_cases = collect_cases(test_entries, preprocessing, inferer, network, device, desc="test", **options)
-    metrics = evaluate_cases(val_cases, test_cases, output_dir, fprs, min_component_size, n_overlays, extra)
+    metrics = evaluate_cases(val_cases, test_cases, output_dir, fprs, min_component_size, n_overlays, extra, weights)
     produced = Path(output_dir) / "thresholds.json"
     if threshold_file and produced.is_file() and Path(threshold_file).resolve() != produced.resolve():
         with atomic_output(threshold_file) as tmp:
@@ -356,7 +360,7 @@ def evaluate_sets(
     """:func:`evaluate` for each test set ``{name: (val_entries, test_entries)}``, each calibrated on its own split.
 
     Outputs go where :func:`set_outputs` says; several sets infer the healthy validation volumes they share once.
-    ``options``: the keyword arguments of :func:`evaluate` (``device``, ``fprs``, ``min_component_size``,
+    ``options``: the keyword arguments of :func:`evaluate` (``weights``, ``device``, ``fprs``, ``min_component_size``,
     ``n_overlays``, ``extra``, ``cache_key``, ``recompute``, ``may_be_zero``).
 
     Returns:

@@ -5,7 +5,7 @@ Conventions:
 - volumes are (H, W, D) arrays, D the axial slices; every voxel metric is computed on in-brain voxels
   (``mask != 0``), and lesion labels are ``seg != 0`` restricted to the brain;
 - a map is binarised as ``anomaly_map > threshold`` inside the brain mask, then 3D connected components
-  (26-connectivity) of at most ``min_component_size`` voxels are removed (:func:`binarise`);
+  (26-connectivity) of fewer than ``min_component_size`` voxels are removed (:func:`binarise`);
 - ``oracle_dice`` is the best Dice of one test volume over all thresholds (uses that volume's labels, so it is
   an upper bound, not a deployable number); deployable thresholds come from validation data (``calibration``).
 """
@@ -163,28 +163,28 @@ def in_brain_voxels(volumes: Sequence[np.ndarray | None], masks: Sequence[np.nda
 # binarisation
 
 
-def remove_small_components(binary: np.ndarray, max_size: int = 7) -> np.ndarray:
-    """Remove 3D connected components (26-connectivity) of at most ``max_size`` voxels.
+def remove_small_components(binary: np.ndarray, min_size: int = 8) -> np.ndarray:
+    """Remove 3D connected components (26-connectivity) of fewer than ``min_size`` voxels.
 
     Args:
         binary: (H, W, D) binary array.
-        max_size: largest component size that is removed.
+        min_size: smallest component size that is kept (1 or less keeps every component).
 
     Returns:
         (H, W, D) bool array.
     """
     binary = np.asarray(binary) != 0
-    if max_size <= 0 or not binary.any():
+    if min_size <= 1 or not binary.any():
         return binary
     labelled, _ = ndimage.label(binary, structure=np.ones((3,) * binary.ndim, dtype=bool))
-    sizes = np.bincount(labelled.ravel())
-    keep = sizes > max_size
+    keep = np.bincount(labelled.ravel()) >= min_size
     keep[0] = False
     return keep[labelled]
 
 
-def binarise(anomaly_map: np.ndarray, mask: np.ndarray, threshold: float, min_component_size: int = 7) -> np.ndarray:
-    """Predicted lesion voxels: ``anomaly_map > threshold`` inside ``mask``, small components removed; (H, W, D)."""
+def binarise(anomaly_map: np.ndarray, mask: np.ndarray, threshold: float, min_component_size: int = 8) -> np.ndarray:
+    """Predicted lesion voxels: ``anomaly_map > threshold`` inside ``mask``, components of fewer than
+    ``min_component_size`` voxels removed; (H, W, D)."""
     pred = (np.asarray(anomaly_map, dtype=np.float64) > threshold) & (np.asarray(mask) != 0)
     return remove_small_components(pred, min_component_size)
 
@@ -198,7 +198,7 @@ def volume_metrics(
     seg: np.ndarray | None,
     mask: np.ndarray,
     thresholds: Mapping[str, float],
-    min_component_size: int = 7,
+    min_component_size: int = 8,
 ) -> dict[str, float]:
     """Metrics of one volume.
 
@@ -209,7 +209,7 @@ def volume_metrics(
     Args:
         anomaly_map, seg, mask: (H, W, D) arrays; ``seg=None`` means a healthy volume.
         thresholds: name -> threshold.
-        min_component_size: components of at most this size are removed after binarisation.
+        min_component_size: the smallest component size kept after binarisation.
     """
     brain = np.asarray(mask) != 0
     target = np.zeros_like(brain) if seg is None else (np.asarray(seg) != 0) & brain

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import InputError, MissingInputError, NonFiniteLossError
 from .files import atomic_output
-from .io import MODEL_CONFIG_FILE
+from .io import MODEL_CONFIG_FILE, check_model_config
 
 __all__ = [
     "BestMetricState",
@@ -228,12 +228,23 @@ def state_mismatch(own: dict, state: dict, guess_network: bool = True) -> str:
     return "; ".join(filter(None, details))
 
 
-def load_weights(network: nn.Module, path: str | os.PathLike, key: str = "network") -> nn.Module:
+def load_weights(
+    network: nn.Module, path: str | os.PathLike, sizes: Mapping | None = None, key: str = "network"
+) -> nn.Module:
     """Load trained weights into ``network`` (strict), from a bare ``state_dict`` or a training checkpoint.
 
+    Args:
+        network: the network the config files build.
+        path: the weights.
+        sizes: the network sizes and input grid the config files set (nested as in the config); when given, they must
+            be those recorded beside the weights (:func:`~uad.io.check_model_config`).
+        key: the entry of a training checkpoint that holds the network.
+
     Raises:
-        ValueError: naming the file and what differs (another bundle's network, another size, other keys).
+        InputError: naming the file and what differs (another bundle's network, another size, other keys).
     """
+    if sizes is not None:
+        check_model_config(path, sizes)
     state = load_checkpoint(path)
     for name in (key, "model"):  # a training checkpoint, or {"model": ...} as MONAI Label's loader names it
         if isinstance(state.get(name), dict):
@@ -242,9 +253,8 @@ def load_weights(network: nn.Module, path: str | os.PathLike, key: str = "networ
     problem = state_mismatch(network.state_dict(), state)
     if problem:
         raise InputError(
-            f"{path}: weights do not match the configured network: {problem}. The network sizes come from "
-            f"{Path(path).parent / MODEL_CONFIG_FILE} when it exists (written by training beside the weights), else "
-            "from the config and its overlays: use the weights with the files they were trained with."
+            f"{path}: weights do not match the configured network: {problem}. Use the weights with the config "
+            f"overlay they were trained with ({Path(path).parent / MODEL_CONFIG_FILE} records their sizes)."
         )
     network.load_state_dict(state, strict=True)
     return network

@@ -64,7 +64,7 @@ def save_overlay(
     threshold: float | None = None,
     slices: Sequence[int] | None = None,
     title: str | None = None,
-    min_component_size: int = 7,
+    min_component_size: int = 8,
 ) -> None:
     """Save a PNG with one row per axial slice: input | reconstruction | anomaly map | input with outlines.
 
@@ -78,7 +78,7 @@ def save_overlay(
         threshold: operating threshold of the anomaly map.
         slices: axial indices; default the slices with the largest lesion area, or evenly spaced brain slices.
         title: figure title.
-        min_component_size: components of at most this many voxels are dropped from the predicted outline.
+        min_component_size: components of fewer voxels are dropped from the predicted outline.
     """
     image, anomaly_map = np.asarray(image, dtype=np.float64), np.asarray(anomaly_map, dtype=np.float64)
     brain = np.asarray(mask) != 0 if mask is not None else image > 0

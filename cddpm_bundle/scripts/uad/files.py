@@ -27,6 +27,7 @@ __all__ = [
     "atomic_write_text",
     "file_digest",
     "remove_stale_temporaries",
+    "run_key",
     "settings_digest",
 ]
 
@@ -154,3 +155,9 @@ def settings_digest(*objects: object, depth: int = 3) -> str:
     the same config values have the same digest; any changed value changes it."""
     text = json.dumps([_settings(o, depth) for o in objects], sort_keys=True, default=lambda v: type(v).__name__)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_key(weights: str | os.PathLike, inferer: object, settings: Sequence[object]) -> str:
+    """The key of a run's outputs: the SHA-256 of its ``weights`` and the digest of its ``inferer`` and other
+    ``settings`` (threshold, grid, seed...); outputs stored under another key belong to another run."""
+    return file_digest(weights) + settings_digest(inferer, list(settings))
