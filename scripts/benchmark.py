@@ -53,10 +53,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from baselines import mean_healthy_image  # noqa: E402
-from benchmarking import BUNDLES, REPO, bundle_context, header, load_config, markdown_table, write_report  # noqa: E402
-from make_demo_data import SIZES  # noqa: E402
-from run_demo import bundle_command, chance_auprc  # noqa: E402
+from lib.baselines import mean_healthy_image  # noqa: E402
+from lib.benchmarking import (  # noqa: E402
+    BUNDLES,
+    REPO,
+    bundle_context,
+    chance_auprc,  # noqa: E402
+    header,
+    load_config,
+    markdown_table,
+    write_report,
+)
+from lib.commands import bundle_command  # noqa: E402
+from lib.demo_cohort import SIZES  # noqa: E402
 from uad.files import atomic_output, atomic_write_figure, atomic_write_text  # noqa: E402
 from uad.precision import parse_amp  # noqa: E402
 
@@ -236,7 +245,7 @@ def ixi_datasets(out: Path, args) -> list[Dataset]:
 
 
 def baseline_config(method: str, dataset: Dataset, work: Path) -> str:
-    """A config file turning the cDDPM evaluation into a baseline (``scripts/baselines.py``); returns its path."""
+    """A config file turning the cDDPM evaluation into a baseline (``scripts/lib/baselines.py``); returns its path."""
     template = None
     if method == "mean_image":
         template = work / "mean_image.pt"
@@ -247,7 +256,7 @@ def baseline_config(method: str, dataset: Dataset, work: Path) -> str:
                 mean = mean_healthy_image(entries, parser.get_parsed_content("validate#preprocessing"))
             with atomic_output(template) as tmp:
                 torch.save(mean, tmp)
-    inferer = {"_target_": "baselines.TemplateResidualInferer", "template": template and str(template)}
+    inferer = {"_target_": "lib.baselines.TemplateResidualInferer", "template": template and str(template)}
     extra = {"method": METHODS[method].label, "network_passes_per_slice": 0}
     config = {"network": "$torch.nn.Identity()", "inferer": inferer, "extra": extra}
     return str(atomic_write_text(work / f"{method}.json", json.dumps(config, indent=2)))

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import make_demo_data
-from benchmarking import BUNDLES, header, markdown_table, write_report
-from run_demo import bundle_command
+from lib import demo_cohort
+from lib.benchmarking import BUNDLES, header, markdown_table, write_report
+from lib.commands import bundle_command
 from uad.files import atomic_write_text
 
 
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cohort = args.cohort
         if cohort is None:
             cohort = work / "cohort"
-            make_demo_data.build_cohort(cohort, seed=0, size="tiny", progress=False, figure=False)
+            demo_cohort.build_cohort(cohort, seed=0, size="tiny", progress=False, figure=False)
         datalist = case_datalist(cohort, args.cases, work)
         out_dir = work / "maps"
         overrides = {"datalist": str(datalist), "output_dir": str(out_dir), **json.loads(args.override)}

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchmarking import (
+from ignite.engine import Engine
+from lib.benchmarking import (
     BUNDLES,
     bundle_context,
     header,
@@ -45,8 +46,7 @@ from benchmarking import (
     timed,
     write_report,
 )
-from cpu_backends import backend_available, build_backend
-from ignite.engine import Engine
+from lib.cpu_backends import backend_available, build_backend
 from uad.backends import example_inputs
 from uad.precision import cpu_bf16_native
 from uad.training import load_weights
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = ["fp32", "cl"] + ["amp", "amp+cl"] * cpu_bf16_native()
     missing = [v for v in variants if not backend_available(VARIANTS[v][0])]
     if missing:
-        parser.error(f"variants {missing} need packages that are not installed (see scripts/cpu_backends.py)")
+        parser.error(f"variants {missing} need packages that are not installed (see scripts/lib/cpu_backends.py)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     configs = [] if args.demo else ["paper"]

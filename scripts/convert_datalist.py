@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from datalists import seed_layout_to_datalist
+from lib.datalists import seed_layout_to_datalist
 from uad.data import CONTRASTS
 
 

@@ -49,8 +49,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from datalists import write_datalist
-from mni152 import MNI152_FILES, mni152_path
+from lib.datalists import write_datalist
+from lib.mni152 import MNI152_FILES, mni152_path
 from PIL import Image
 from scipy import ndimage as ndi
 from uad.files import atomic_output, atomic_write_figure, atomic_write_text

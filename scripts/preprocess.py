@@ -36,8 +36,8 @@ from pathlib import Path
 import itk
 import nibabel as nib
 import numpy as np
-from datalists import write_datalist
-from mni152 import mni152_path
+from lib.datalists import write_datalist
+from lib.mni152 import mni152_path
 from tqdm import tqdm
 from uad.data import case_name, load_datalist
 from uad.files import atomic_output

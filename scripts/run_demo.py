@@ -21,12 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-from make_demo_data import SIZES
+from lib.benchmarking import chance_auprc
+from lib.commands import REPO, bundle_run, command_configs
+from lib.demo_cohort import SIZES
 from uad.data import dataset_entries
 from uad.files import atomic_write_text
 from uad.workflow import set_outputs
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLES = {"cddpm": "cddpm_bundle", "autoddpm": "autoddpm_bundle"}
 COLUMNS = (
     ("dice@best_dice_val", "Dice@val-thr"),
@@ -37,45 +38,9 @@ COLUMNS = (
 )
 
 
-# The config files of each bundle command, in merge order: evaluate.json is an overlay on inference.json and
-# pretrain_encoder.json one on train.json (the model zoo's way); further overlays (demo.json, ema.json...) follow.
-COMMAND_CONFIGS = {
-    "train": ("train",),
-    "inference": ("inference",),
-    "evaluate": ("inference", "evaluate"),
-    "pretrain_encoder": ("train", "pretrain_encoder"),
-}
-
-
-def command_configs(command: str, *overlays: str) -> list[str]:
-    """``configs/<name>.json`` paths of a bundle command followed by the named overlays."""
-    return [f"configs/{name}.json" for name in (*COMMAND_CONFIGS[command], *overlays)]
-
-
-def bundle_command(configs: list[str], overrides: dict) -> list[str]:
-    """The ``python -m monai.bundle run`` command line with ``--key value`` overrides, values as the CLI parses them."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs)]
-    for key, value in overrides.items():
-        text = value if isinstance(value, str) else str(value) if isinstance(value, bool) else json.dumps(value)
-        cmd += [f"--{key}", text]
-    return cmd
-
-
-def bundle_run(bundle: str, configs: list[str], **overrides) -> None:
-    """``python -m monai.bundle run`` in the bundle folder with ``--key value`` overrides (exits on failure)."""
-    cmd = bundle_command(configs, overrides)
-    print(f"\n$ (cd {bundle} && python {' '.join(cmd[1:])})", flush=True)
-    subprocess.run(cmd, cwd=REPO / bundle, check=True)
-
-
 def first_test_case(data: Path, set_name: str, contrast: str) -> dict:
     """The first test entry (absolute image, mask and seg paths) of a lesion set of the demo cohort."""
     return dataset_entries(None, data / "datalists" / f"{set_name}_{contrast}.json", "test")[0]
-
-
-def chance_auprc(summary: dict) -> float:
-    """The AUPRC of a random map: the lesion prevalence inside the brain (means over the test volumes)."""
-    return summary["n_lesion_voxels"]["mean"] / summary["n_brain_voxels"]["mean"]
 
 
 def metrics_row(metrics: dict) -> dict[str, float]:

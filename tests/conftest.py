@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from benchmarking import bundle_context
+from lib.benchmarking import bundle_context
+from lib.commands import bundle_command
 from monai.bundle import ConfigParser
-from run_demo import bundle_command
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_IXI = REPO.parent / "shared" / "data" / "ixi_t1_axial"
@@ -97,10 +97,10 @@ def brain_crop_slices(bundle: str, overrides: dict, demo_cohort: Path) -> tuple[
 @pytest.fixture(scope="session")
 def demo_cohort(tmp_path_factory) -> Path:
     """The ``tiny`` demo cohort (seed 0), in the seed layout with datalists."""
-    import make_demo_data
+    from lib import demo_cohort
 
     out = tmp_path_factory.mktemp("demo") / "cohort"
-    make_demo_data.build_cohort(out, seed=0, size="tiny", progress=False, figure=False)
+    demo_cohort.build_cohort(out, seed=0, size="tiny", progress=False, figure=False)
     return out
 
 

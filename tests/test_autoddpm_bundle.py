@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_GRID, TINY_RUN, brain_crop_slices, bundle_parser, run_bundle
+from lib.commands import command_configs
 from monai.bundle import ConfigParser
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
-from run_demo import command_configs
 from uad.io import config_ids
 from uad.precision import cpu_bf16_native
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_GRID, subprocess_env
+from lib.commands import bundle_command, command_configs
 from PIL import Image
-from run_demo import bundle_command, command_configs
 
 BUNDLES = ("cddpm_bundle", "autoddpm_bundle")
 COMMANDS = ("train", "inference", "evaluate")

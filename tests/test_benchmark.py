@@ -9,7 +9,7 @@ import benchmark_speed
 import numpy as np
 import pytest
 import torch
-from baselines import TemplateResidualInferer, mean_healthy_image
+from lib.baselines import TemplateResidualInferer, mean_healthy_image
 from uad.postprocessing import residual_anomaly_map
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_CDDPM_NETS, TINY_RUN, brain_crop_slices, bundle_parser, run_bundle, tiny_diffusion_unet
+from lib.commands import command_configs
 from monai.bundle import ConfigParser
 from monai.networks.schedulers import DDPMScheduler
-from run_demo import command_configs
 from uad.inference import brain_box
 from uad.io import config_ids
 from uad.precision import cpu_bf16_native

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import bundle_parser
+from lib.commands import command_configs
 from monai.transforms import Compose
-from run_demo import command_configs
 from uad.files import settings_digest
 
 BUNDLES = ("cddpm_bundle", "autoddpm_bundle")

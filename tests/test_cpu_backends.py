@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 from conftest import tiny_diffusion_unet
-from cpu_backends import BACKENDS, backend_available, build_backend
+from lib.cpu_backends import BACKENDS, backend_available, build_backend
 from monai.networks.nets import ResNet
 
 from cddpm_bundle.scripts.networks import ConditionedDiffusionModel

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, SHARED_IXI
-from datalists import seed_layout_to_datalist, write_datalist
+from lib.datalists import seed_layout_to_datalist, write_datalist
 from monai.transforms import LoadImaged
 from PIL import Image
 from uad.data import (

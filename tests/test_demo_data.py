@@ -6,10 +6,11 @@ import csv
 import json
 from pathlib import Path
 
-import make_demo_data as mdd
+import make_demo_data
 import nibabel as nib
 import numpy as np
 import pytest
+from lib import demo_cohort as mdd
 from scipy import ndimage as ndi
 
 SEED = 3
@@ -272,7 +273,7 @@ def test_refuses_foreign_non_empty_folder(tmp_path, capsys):
     (foreign / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError):
         mdd.build_cohort(foreign, seed=0, size="tiny", progress=False)
-    assert mdd.main(["--out", str(foreign), "--size", "tiny", "--quiet"]) == 2
+    assert make_demo_data.main(["--out", str(foreign), "--size", "tiny", "--quiet"]) == 2
     assert "overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in foreign.iterdir()) == ["precious.txt"]
 
@@ -285,10 +286,10 @@ def test_previous_cohort_is_accepted(cohort):
 
 def test_cli_help(capsys):
     with pytest.raises(SystemExit) as exc:
-        mdd.main(["--help"])
+        make_demo_data.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     for option in ("--out", "--seed", "--size", "--overwrite", "tiny", "default", "large"):
         assert option in out
     with pytest.raises(SystemExit):
-        mdd.main(["--out", "x", "--size", "huge"])
+        make_demo_data.main(["--out", "x", "--size", "huge"])

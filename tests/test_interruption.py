@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_CDDPM_NETS, TINY_GRID, TINY_RUN, subprocess_env
-from run_demo import bundle_command
+from lib.commands import bundle_command
 from uad.files import atomic_output, atomic_path, remove_stale_temporaries
 
 

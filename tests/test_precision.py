@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import bundle_parser
-from run_demo import command_configs
+from lib.commands import command_configs
 from uad import precision
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import REPO, TINY_RUN, bundle_parser, run_bundle, tiny_diffusion_unet
+from lib.commands import command_configs
 from monai.bundle import ConfigParser
 from monai.networks.nets import ResNet
-from run_demo import command_configs
 from uad.training import load_pretrained_encoder
 
 from cddpm_bundle.scripts.networks import ConditionedDiffusionModel

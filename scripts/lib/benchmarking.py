@@ -19,7 +19,8 @@ from monai.bundle import ConfigParser
 from uad.files import atomic_write_text
 from uad.precision import cpu_bf16_native, cpu_description
 
-REPO = Path(__file__).resolve().parents[1]
+from .commands import REPO
+
 BUNDLES = {"cddpm": REPO / "cddpm_bundle", "autoddpm": REPO / "autoddpm_bundle"}
 
 
@@ -135,3 +136,8 @@ def load_config(root: Path, names: list[str], overrides: dict[str, Any]) -> Conf
     parser.read_config([str(root / "configs" / f"{n}.json") for n in names])
     parser.update(overrides)
     return parser
+
+
+def chance_auprc(summary: dict) -> float:
+    """The AUPRC of a random map: the lesion prevalence inside the brain (means over the test volumes)."""
+    return summary["n_lesion_voxels"]["mean"] / summary["n_brain_voxels"]["mean"]

@@ -1,7 +1,7 @@
 """Reference anomaly maps without a diffusion model: the intensity itself and the residual to a mean healthy image.
 
 Repository code for ``scripts/benchmark.py``, not shipped in a bundle: a benchmark config names the inferer as
-``baselines.TemplateResidualInferer``, with this folder on the bundle command's ``PYTHONPATH``.
+``lib.baselines.TemplateResidualInferer``, with ``scripts/`` on the bundle command's ``PYTHONPATH``.
 """
 
 from __future__ import annotations
