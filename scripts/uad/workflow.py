@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .calibration import calibrate_thresholds, default_threshold, has_lesion
 from .data import case_name
+from .errors import InputError
 from .figures import save_overlay, save_pr_curve
 from .files import atomic_output, atomic_write_csv, remove_stale_temporaries
 from .io import THRESHOLDS_FILE, write_json, write_thresholds
@@ -34,6 +35,7 @@ from .metrics import (
     summarise,
     volume_metrics,
 )
+from .sharding import shard_cases, shard_of
 from .transforms import check_anomaly_map
 
 __all__ = ["collect_cases", "evaluate", "evaluate_cases", "evaluate_sets", "format_metrics", "set_outputs"]
@@ -85,6 +87,7 @@ def collect_cases(
     cache_key: str = "",
     recompute: bool = False,
     may_be_zero: bool = False,
+    infer: bool = True,
 ) -> list[dict[str, Any]]:
     """Run ``inferer(image, network, mask=mask, return_reconstruction=True)`` on every entry, on the model grid.
 
@@ -93,7 +96,11 @@ def collect_cases(
     With ``cache_dir`` each inferred case is saved there (:func:`_case_path`), and a case saved with the same
     ``cache_key`` (the weights and settings) is read back instead of inferred: an interrupted evaluation goes on
     where it stopped; ``recompute`` infers every case again (and saves it). ``may_be_zero``: see
-    :func:`~uad.transforms.check_anomaly_map`.
+    :func:`~uad.transforms.check_anomaly_map`. ``infer`` False reads every case from ``cache_dir`` (the merge of
+    shards, :func:`evaluate_sets`).
+
+    Raises:
+        InputError: with ``infer`` False, cases not in ``cache_dir`` under ``cache_key`` (naming them).
 
     Returns:
         cases ``{"name", "image", "reconstruction", "anomaly_map", "mask", "seg"}`` as (H, W, D) numpy arrays
@@ -116,6 +123,12 @@ def collect_cases(
                 cache_dir,
             )
     todo = [e for e in entries if _memo_key(e) not in memo and id(e) not in cached]
+    if todo and not infer:
+        names = [e.get("name", case_name(e["image"])) for e in todo]
+        raise InputError(
+            f"{desc}: {len(todo)} case(s) not in {cache_dir} with these weights and settings ({', '.join(names[:5])}"
+            f"{' ...' if len(names) > 5 else ''}): a shard has not finished, or ran with other weights or settings"
+        )
     network.eval()
     loader = DataLoader(Dataset(todo, preprocessing), batch_size=1, shuffle=False, num_workers=num_workers)
     inferred = dict(cached)
@@ -303,23 +316,27 @@ def evaluate(
     extra: dict[str, Any] | None = None,
     healthy_memo: dict[tuple, dict[str, Any]] | None = None,
     cache_key: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
     recompute: bool = False,
     may_be_zero: bool = False,
+    infer: bool = True,
 ) -> dict[str, Any]:
     """Infer on validation and test entries, calibrate thresholds on validation only, evaluate the test entries.
 
     With a ``cache_key`` (the weights and settings, see :func:`collect_cases`) the inferred cases are kept in
-    ``output_dir/cases``, so that a run started again after an interruption infers only the cases it had not done;
-    ``recompute`` infers them all again. ``may_be_zero``: see :func:`~uad.transforms.check_anomaly_map`.
+    ``cache_dir`` (default ``output_dir/cases``), so that a run started again after an interruption infers only the
+    cases it had not done; ``recompute`` infers them all again; ``infer`` False infers none (see
+    :func:`collect_cases`). ``may_be_zero``: see :func:`~uad.transforms.check_anomaly_map`.
 
     Writes the outputs of :func:`evaluate_cases` to ``output_dir`` (with ``extra``, e.g. the inferer's settings,
     under ``"extra"`` in ``metrics.json``), copies the calibrated ``thresholds.json`` (naming ``weights``, the file
     the network's weights came from) to ``threshold_file`` (where inference looks for it) and prints the metrics
     table. ``healthy_memo``: see :func:`collect_cases`.
     """
-    options: dict[str, Any] = {"may_be_zero": may_be_zero}
+    options: dict[str, Any] = {"may_be_zero": may_be_zero, "infer": infer}
     if cache_key:
-        options.update(cache_dir=Path(output_dir) / "cases", cache_key=cache_key, recompute=recompute)
+        cache_dir = Path(output_dir) / "cases" if cache_dir is None else cache_dir
+        options.update(cache_dir=cache_dir, cache_key=cache_key, recompute=recompute)
     val_cases = collect_cases(
         val_entries, preprocessing, inferer, network, device, desc="validation", healthy_memo=healthy_memo, **options
     )
@@ -355,6 +372,8 @@ def evaluate_sets(
     sets: Mapping[str, tuple[Sequence[dict], Sequence[dict]]],
     output_dir: str | os.PathLike,
     threshold_file: str | os.PathLike | None = None,
+    shard: Sequence[int] | None = None,
+    merge: bool = False,
     **options: Any,
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate` for each test set ``{name: (val_entries, test_entries)}``, each calibrated on its own split.
@@ -363,9 +382,42 @@ def evaluate_sets(
     ``options``: the keyword arguments of :func:`evaluate` (``weights``, ``device``, ``fprs``, ``min_component_size``,
     ``n_overlays``, ``extra``, ``cache_key``, ``recompute``, ``may_be_zero``).
 
+    Many processes: with ``shard`` ``[i, n]`` (n > 1) this process infers only its shard of the run's cases (every
+    case of every set once, see :func:`~uad.sharding.shard_cases`) into ``output_dir/cases`` and computes no metrics;
+    ``merge`` then computes them from the cases of all shards, inferring none (a case missing, or inferred with other
+    weights or settings, is an error naming it). In a ``torchrun`` process group every rank infers its shard, waits
+    for the others, and rank 0 merges.
+
     Returns:
-        the metrics of each set.
+        the metrics of each set (``{}`` on a shard that does not merge).
     """
+    index, count = shard_of(shard)
+    cache_dir = Path(output_dir) / "cases"  # one for every set and shard
+    if (count > 1 or merge) and not options.get("cache_key"):
+        raise InputError("shards and their merge need a cache_key (the weights and settings of the run)")
+    if merge and options.get("recompute"):
+        raise InputError("merge reads the cases the shards inferred: it cannot recompute them (set recompute false)")
+    if count > 1:
+        unique = list({_memo_key(e): e for val, test in sets.values() for e in (*val, *test)}.values())
+        mine = shard_cases(unique, (index, count))
+        cache = {k: options[k] for k in ("cache_key", "recompute", "may_be_zero") if k in options}
+        device = options.get("device", "cpu")
+        collect_cases(
+            mine, preprocessing, inferer, network, device, f"shard {index} of {count}", **cache, cache_dir=cache_dir
+        )
+        if not torch.distributed.is_initialized():
+            logger.warning(
+                "shard %d of %d: %d case(s) in %s; merge (merge true) once every shard has finished",
+                index,
+                count,
+                len(mine),
+                cache_dir,
+            )
+            return {}
+        torch.distributed.barrier()  # the one collective: every rank reaches it after its own shard
+        if index != 0:
+            return {}
+        merge = True
     several = len(sets) > 1
     memo: dict[tuple, dict[str, Any]] | None = {} if several else None
     results = {}
@@ -373,6 +425,16 @@ def evaluate_sets(
         out, thresholds = set_outputs(output_dir, threshold_file, name, several)
         logger.info("test set %s: outputs in %s", name, out)
         results[name] = evaluate(
-            network, inferer, preprocessing, val, test, out, thresholds, **options, healthy_memo=memo
+            network,
+            inferer,
+            preprocessing,
+            val,
+            test,
+            out,
+            thresholds,
+            **options,
+            healthy_memo=memo,
+            cache_dir=cache_dir,
+            infer=not merge,
         )
     return results
