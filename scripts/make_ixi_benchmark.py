@@ -39,7 +39,6 @@ polarities over the subjects in both sections.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -47,80 +46,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from lib.datalists import write_datalist
-from lib.mni152 import MNI152_FILES, mni152_path
-from PIL import Image
+from lib.mni152 import MNI152_FILES
+from lib.slices import brain_mask, largest_component, match_template, read_png, save_slice, subject_ids
 from scipy import ndimage as ndi
-from uad.files import atomic_output, atomic_write_figure, atomic_write_text
+from uad.files import atomic_write_figure, atomic_write_text
 
-__all__ = ["best_slice", "brain_mask", "build_ixi_benchmark", "insert_lesion", "main", "match_template", "orient"]
+__all__ = ["build_ixi_benchmark", "insert_lesion", "main"]
 
-AFFINE = np.eye(4)  # 1 mm, array axes = PNG rows, columns; one slice
 CONTRAST_RANGE = (0.15, 0.45)
 RADIUS_RANGE = (4.0, 15.0)
-MASK_FRACTION = 0.05
 TISSUE_FRACTION = 0.6  # of the median brain intensity: darker pixels count as CSF
 _POLARITY = {"hyper": 1.0, "hypo": -1.0}
-
-
-def orient(a: np.ndarray, code: int) -> np.ndarray:
-    """One of the 8 in-plane flips/transpositions: bit 4 transposes, then bit 1 flips rows, bit 2 flips columns."""
-    a = a.T if code & 4 else a
-    return a[:: -1 if code & 1 else 1, :: -1 if code & 2 else 1]
-
-
-def _fit(a: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Centre-crop / zero-pad a 2D array to ``shape``."""
-    out = np.zeros(shape, a.dtype)
-    src, dst = [], []
-    for n, m in zip(a.shape, shape, strict=True):
-        k = min(n, m)
-        src.append(slice((n - k) // 2, (n - k) // 2 + k))
-        dst.append(slice((m - k) // 2, (m - k) // 2 + k))
-    out[tuple(dst)] = a[tuple(src)]
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def _template_t1() -> np.ndarray:
-    return np.asarray(nib.load(mni152_path("t1")).dataobj, dtype=np.float32)
-
-
-def match_template(mean_image: np.ndarray) -> dict:
-    """Axial template slice ``z`` and orientation ``code`` (see :func:`orient`) best correlated with ``mean_image``."""
-    vol = _template_t1()
-    codes = [c for c in range(8) if orient(vol[:, :, 0], c).shape == mean_image.shape] or list(range(8))
-    ref = (mean_image - mean_image.mean()).ravel()
-    best = {"correlation": -np.inf}
-    for code in codes:
-        stack = np.stack([_fit(orient(vol[:, :, z], code), mean_image.shape).ravel() for z in range(vol.shape[2])])
-        stack -= stack.mean(axis=1, keepdims=True)
-        norm = np.linalg.norm(stack, axis=1) * np.linalg.norm(ref)
-        corr = np.where(norm > 0, stack @ ref / np.maximum(norm, 1e-12), -np.inf)
-        z = int(np.argmax(corr))
-        if corr[z] > best["correlation"]:  # strict: ties (symmetric template) keep the simpler orientation
-            best = {"z": z, "code": code, "correlation": float(corr[z])}
-    best["exact_shape"] = len(codes) < 8
-    best["template_mask"] = _largest(ndi.binary_fill_holes(best_slice(best, mean_image.shape) > 0.2 * vol.max()))
-    return best
-
-
-def best_slice(match: dict, shape: Sequence[int]) -> np.ndarray:
-    """The matched template T1 slice on the IXI grid."""
-    return _fit(orient(_template_t1()[:, :, match["z"]], match["code"]), shape)
-
-
-def _largest(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndi.label(mask)
-    return labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:])) if n > 1 else labels > 0
-
-
-def brain_mask(image: np.ndarray, template_mask: np.ndarray, fraction: float = MASK_FRACTION) -> np.ndarray:
-    """Template mask AND image > ``fraction`` of the 99.5th percentile, holes filled, largest component."""
-    mask = template_mask & (image > fraction * np.percentile(image, 99.5))
-    return _largest(ndi.binary_fill_holes(mask))
 
 
 def _blob(rng: np.random.Generator, radius: float, edge: float) -> np.ndarray:
@@ -133,7 +71,7 @@ def _blob(rng: np.random.Generator, radius: float, edge: float) -> np.ndarray:
     rho2 = (u / a) ** 2 + (v / b) ** 2
     field = ndi.gaussian_filter(rng.standard_normal(yy.shape), max(radius / 3.0, 1.5))
     hard = (1.0 - rho2 + 0.35 * field / max(field.std(), 1e-6) > 0) & (rho2 < 1.69)
-    weight = ndi.gaussian_filter(_largest(ndi.binary_fill_holes(hard)).astype(np.float32), edge)
+    weight = ndi.gaussian_filter(largest_component(ndi.binary_fill_holes(hard)).astype(np.float32), edge)
     return np.where(weight > 1e-3, weight, 0.0).astype(np.float32)
 
 
@@ -211,25 +149,6 @@ def insert_lesion(
     return out.astype(np.float32), seg, params
 
 
-def _save(array: np.ndarray, path: Path) -> str:
-    """Write a 2D array as an (H, W, 1) NIfTI atomically; returns the path."""
-    data = np.ascontiguousarray(array, dtype=np.uint8 if array.dtype == bool else array.dtype)[..., None]
-    with atomic_output(path) as tmp:
-        nib.save(nib.Nifti1Image(data, AFFINE), tmp)
-    return str(path)
-
-
-def _read(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("F"), dtype=np.float32)
-
-
-def _ids(paths: Sequence[Path]) -> list[str]:
-    """Short subject ids (``sub-IXI002``) when unique, else full file stems."""
-    short = [p.stem.split("_")[0] for p in paths]
-    return short if len(set(short)) == len(short) else [p.stem for p in paths]
-
-
 def _alternate(by_polarity: dict[str, list]) -> list:
     """Subject j's hyper case for even j, its hypo case for odd j."""
     return [by_polarity[("hyper", "hypo")[j % 2]][j] for j in range(len(by_polarity["hyper"]))]
@@ -252,20 +171,20 @@ def build_ixi_benchmark(
     n_val = len(files["val"])
     if n_calibration < 0 or n_healthy_calibration < 0 or n_calibration + n_healthy_calibration >= n_val:
         raise ValueError(f"n_calibration + n_healthy_calibration must be < {n_val} (the val/ slices)")
-    images = {k: [_read(p) for p in v] for k, v in files.items()}
+    images = {k: [read_png(p) for p in v] for k, v in files.items()}
     shapes = {a.shape for v in images.values() for a in v}
     if len(shapes) != 1:
         raise ValueError(f"slices of different shapes in {ixi_dir}: {sorted(shapes)}")
     match = match_template(np.mean([a for v in images.values() for a in v], axis=0))
     tmask = match.pop("template_mask")
     masks = {k: [brain_mask(a, tmask) for a in v] for k, v in images.items()}
-    ids = {k: _ids(v) for k, v in files.items()}
+    ids = {k: subject_ids(v) for k, v in files.items()}
 
     def write(folder: str, name: str, image: np.ndarray, mask: np.ndarray, stem: str | None = None, seg=None) -> dict:
-        entry = {"image": _save(image, out / folder / f"{stem or name}_t1.nii.gz")}
-        entry["mask"] = _save(mask, out / folder / f"{name}_mask.nii.gz")
+        entry = {"image": save_slice(image, out / folder / f"{stem or name}_t1.nii.gz")}
+        entry["mask"] = save_slice(mask, out / folder / f"{name}_mask.nii.gz")
         if seg is not None:
-            entry["seg"] = _save(seg, out / folder / f"{stem or name}_seg.nii.gz")
+            entry["seg"] = save_slice(seg, out / folder / f"{stem or name}_seg.nii.gz")
         return entry
 
     training = [write("train", *args) for args in zip(ids["train"], images["train"], masks["train"], strict=True)]

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import SHARED_IXI
+from lib import slices
 from PIL import Image
 from scipy import ndimage as ndi
 from uad.data import dataset_entries
@@ -21,7 +22,7 @@ N_TRAIN, N_VAL, N_CAL, N_HEALTHY = 3, 6, 2, 1
 
 def _fake_slice(rng: np.random.Generator) -> np.ndarray:
     """A template slice in the IXI orientation with a bright skull ring around it and noise, as uint8."""
-    brain = mib.best_slice({"z": 95 + int(rng.integers(-2, 3)), "code": 5}, SHAPE)
+    brain = slices.best_slice({"z": 95 + int(rng.integers(-2, 3)), "code": 5}, SHAPE)
     yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
     rho = np.hypot((yy - 118) / 100.0, (xx - 98) / 82.0)
     skull = ((rho > 0.95) & (rho < 1.05)) * 200.0
@@ -115,7 +116,7 @@ def test_lesions(bench, fake_ixi):
 def test_insert_lesion_bounds():
     rng = np.random.default_rng(1)
     image = _fake_slice(rng).astype(np.float32)
-    mask = mib.brain_mask(image, mib.best_slice({"z": 95, "code": 5}, SHAPE) > 0.2 * 255)
+    mask = slices.brain_mask(image, slices.best_slice({"z": 95, "code": 5}, SHAPE) > 0.2 * 255)
     for k in range(6):
         polarity = ("hyper", "hypo")[k % 2]
         out, seg, params = mib.insert_lesion(image, mask, np.random.default_rng([7, k]), polarity)
