@@ -29,6 +29,7 @@ from .metrics import (
     average_precision,
     in_brain_voxels,
     l1_ratio,
+    pooled_dice,
     reconstruction_metrics,
     roc_auc,
     slice_detection_auroc,
@@ -236,6 +237,9 @@ def evaluate_cases(
     if test_cases:
         scores, labels = in_brain_voxels(maps, masks), in_brain_voxels(segs, masks) != 0
         pooled = {"auprc": average_precision(scores, labels), "auroc": roc_auc(scores, labels)}
+        pooled.update(
+            {f"dice@{k}": pooled_dice(maps, segs, masks, t, min_component_size) for k, t in thresholds.items()}
+        )
         slice_auroc = slice_detection_auroc(maps, masks, segs)
         if labels.any():
             save_pr_curve(out_dir / "pr_curve.png", scores, labels, thresholds)
@@ -248,6 +252,7 @@ def evaluate_cases(
         "binarisation": f"anomaly_map > threshold inside the brain mask, then 3D components (26-connectivity) of "
         f"fewer than {min_component_size} voxels removed",
         "summary": summarise(rows),
+        "healthy_test": summarise([r for r, c in zip(rows, test_cases, strict=True) if not has_lesion(c)]),
         "pooled_test": pooled,
         "slice_auroc": slice_auroc,
         "reconstruction_healthy_val": summarise(recon_rows),

@@ -189,6 +189,24 @@ def binarise(anomaly_map: np.ndarray, mask: np.ndarray, threshold: float, min_co
     return remove_small_components(pred, min_component_size)
 
 
+def pooled_dice(
+    maps: Sequence[np.ndarray],
+    segs: Sequence[np.ndarray | None],
+    masks: Sequence[np.ndarray],
+    threshold: float,
+    min_component_size: int = 8,
+) -> float:
+    """Dice over the in-brain voxels of all volumes pooled, each binarised at ``threshold`` (:func:`binarise`);
+    ``segs`` None are healthy volumes. NaN without lesion voxels."""
+    preds, targets = [], []
+    for anomaly_map, seg, mask in zip(maps, segs, masks, strict=True):
+        brain = np.asarray(mask) != 0
+        preds.append(binarise(anomaly_map, brain, threshold, min_component_size)[brain])
+        targets.append(np.zeros(int(brain.sum()), bool) if seg is None else (np.asarray(seg) != 0)[brain])
+    target = np.concatenate(targets) if targets else np.zeros(0, bool)
+    return dice(np.concatenate(preds), target) if target.any() else math.nan
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # per-volume metrics
 
@@ -202,7 +220,8 @@ def volume_metrics(
 ) -> dict[str, float]:
     """Metrics of one volume.
 
-    Keys: ``dice@<name>`` and ``fpr@<name>`` (false-positive rate among healthy in-brain voxels) per threshold,
+    Keys: ``dice@<name>``, ``fpr@<name>`` (false-positive rate among healthy in-brain voxels) and ``fp_voxels@<name>``
+    (their count) per threshold,
     ``auprc``, ``auroc``, ``oracle_dice`` (best Dice of this volume over all thresholds, before component
     removal), ``n_brain_voxels``, ``n_lesion_voxels``. Lesion metrics are NaN when the volume has no lesion voxel.
 
@@ -219,7 +238,9 @@ def volume_metrics(
     for name, threshold in thresholds.items():
         pred = binarise(anomaly_map, brain, threshold, min_component_size)
         row[f"dice@{name}"] = dice(pred, target) if has_lesion else math.nan
-        row[f"fpr@{name}"] = int((pred & ~target).sum()) / n_healthy if n_healthy else math.nan
+        false_positives = int((pred & ~target).sum())
+        row[f"fpr@{name}"] = false_positives / n_healthy if n_healthy else math.nan
+        row[f"fp_voxels@{name}"] = false_positives
     counts = _ranked_counts(np.asarray(anomaly_map)[brain], target[brain]) if has_lesion else None
     row["auprc"] = _average_precision(counts) if counts else math.nan
     row["auroc"] = _roc_auc(counts) if counts else math.nan
