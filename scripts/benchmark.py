@@ -5,6 +5,8 @@ Methods (``--methods``):
 - ``intensity``: the intensity itself as anomaly map (no training);
 - ``mean_image``: residual to the mean healthy training image (no training);
 - ``ddpm``: the cDDPM bundle with conditioning switched off (``configs/ablation_ddpm.json``);
+- ``pddpm``: pDDPM, the patched DDPM of the cDDPM bundle (``configs/pddpm.json``): one square noised at a time, the
+  rest of the slice clean as context;
 - ``cddpm``: the cDDPM bundle (simplex noise); ``cddpm_gaussian``: with Gaussian noise (``gaussian_noise.json``);
 - ``cddpm_spark``: cDDPM whose encoder starts from SparK pretraining (``pretrain_encoder.json``, budget / 2 iterations);
 - ``autoddpm_ref`` / ``autoddpm_fast``: one AutoDDPM training, evaluated with the exact DDPM chain (450 passes per
@@ -102,6 +104,7 @@ METHODS = {
     "intensity": Method("intensity only"),
     "mean_image": Method("mean healthy image"),
     "ddpm": Method("DDPM (unconditioned)", training="ddpm", configs=("ablation_ddpm",)),
+    "pddpm": Method("pDDPM (patched, unconditioned)", training="pddpm", configs=("pddpm",)),
     "cddpm": Method("cDDPM (simplex)", training="cddpm"),
     "cddpm_gaussian": Method("cDDPM (Gaussian)", training="cddpm_gaussian", configs=("gaussian_noise",)),
     "cddpm_spark": Method("cDDPM + SparK encoder", training="cddpm_spark", pretrain=True),
@@ -150,6 +153,7 @@ DEFAULT_METHODS = [
     "intensity",
     "mean_image",
     "ddpm",
+    "pddpm",
     "cddpm",
     "cddpm_gaussian",
     "cddpm_spark",

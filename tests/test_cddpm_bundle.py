@@ -465,3 +465,65 @@ def test_bundle_trains_and_resumes_with_warmup_and_ema(demo_cohort, tmp_path):
     final = torch.load(models / "model_final.pt", weights_only=True)
     assert all(torch.equal(final[k], ema[k]) for k in ema)
     load_weights(tiny_unet(), models / "model.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pDDPM: the patched variant (configs/pddpm.json)
+
+
+def test_pddpm_training_noises_one_square_per_slice_and_keeps_the_context_clean():
+    from cddpm_bundle.scripts.diffusion import random_patches
+
+    generator = torch.Generator().manual_seed(0)
+    squares = random_patches((5, 1, 16, 12), 8, generator, "cpu")
+    assert squares.shape == (5, 1, 16, 12) and (squares.sum(dim=(1, 2, 3)) == 64).all()
+    assert random_patches((2, 1, 6, 6), 8, generator, "cpu").all()  # a square larger than the slice: all of it
+    scheduler = DDPMScheduler(1000, schedule="cosine", prediction_type="sample")
+    prepare = X0PrepareBatch(scheduler, GaussianNoise(), timestep_range=(900, 1000), patch_size=8, seed=1)
+    images = torch.rand(4, 1, 16, 16)
+    x_t, target, _, _ = prepare({"image": images})
+    kept = x_t == images * 2 - 1  # the clean context, in the model range
+    assert (kept.sum(dim=(1, 2, 3)) == 16 * 16 - 64).all() and torch.equal(target, images * 2 - 1)
+
+
+class SquareRecorder(torch.nn.Module):
+    """Returns its input, recording which pixels each call saw noised (differing from the clean slice)."""
+
+    def __init__(self, clean: torch.Tensor) -> None:
+        super().__init__()
+        self.clean, self.noised = clean * 2 - 1, []
+
+    def forward(self, x, timesteps, condition=None):
+        self.noised.append((x != self.clean).any(dim=0))
+        return x
+
+
+def test_pddpm_inference_covers_every_pixel_with_overlapping_squares():
+    scheduler = DDPMScheduler(1000, schedule="cosine", prediction_type="sample")
+    inferer = CDDPMAnomalyInferer(scheduler, GaussianNoise(), timesteps=(300,), patch_size=8, slice_size=(20, 16))
+    assert inferer.patch_starts(20) == [0, 4, 8, 12] and inferer.patch_starts(16) == [0, 4, 8]
+    assert inferer.network_passes_per_slice == 4 * 3
+    slices = torch.rand(2, 1, 20, 16) * 0.8 + 0.1
+    network = SquareRecorder(slices)
+    recon = inferer.reconstruct_slices(slices, slices > 0, network, torch.Generator().manual_seed(0))["reconstruction"]
+    assert len(network.noised) == 12 and all(n.sum() <= 64 for n in network.noised)  # one 8 x 8 square a call
+    assert torch.stack(network.noised).any(dim=0).all()  # together they cover the slice
+    assert recon.shape == slices.shape and torch.isfinite(recon).all()
+    whole = CDDPMAnomalyInferer(scheduler, GaussianNoise(), timesteps=(300,))
+    assert whole.patch_starts(20) == [0] and whole.network_passes_per_slice == 1
+
+
+def test_pddpm_trains_and_infers_with_the_bundle_commands(demo_cohort, tmp_path, bundle_imports):
+    common = {**TINY, "dataset_dir": str(demo_cohort), "ckpt_dir": str(tmp_path / "models")}
+    run_bundle("cddpm_bundle", command_configs("train", "demo", "pddpm"), {**common, "output_dir": str(tmp_path / "t")})
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert not any(k.startswith("encoder.") for k in state)  # unconditioned, as the paper's pDDPM
+    image = next((demo_cohort / "Test" / "Tumour" / "t2").glob("*.nii.gz"))
+    out = tmp_path / "maps"
+    overrides = {**common, "input_file": str(image), "output_dir": str(out), "ensemble_timesteps": [400]}
+    run_bundle("cddpm_bundle", command_configs("inference", "demo", "pddpm"), overrides)
+    written = nib.load(out / image.name.replace(".nii.gz", "_anomaly_map.nii.gz"))
+    assert written.shape == nib.load(image).shape and written.get_fdata().max() > 0
+    bundle_imports("cddpm_bundle")
+    shipped = parser("inference.json", "pddpm.json").get_parsed_content("inferer")  # the shipped 64 px grid
+    assert (shipped.patch_size, shipped.patch_stride, shipped.network_passes_per_slice) == (32, 16, 3 * 3 * 3)

@@ -11,7 +11,21 @@ from monai.networks.schedulers import Scheduler
 from .uad.inference import brain_slices, to_model_range
 from .uad.training import EpochSeeded, timestep_bounds
 
-__all__ = ["X0PrepareBatch"]
+__all__ = ["X0PrepareBatch", "random_patches"]
+
+
+def random_patches(
+    shape: Sequence[int], size: int, generator: torch.Generator | None, device: torch.device | str
+) -> torch.Tensor:
+    """(N, 1, H, W) bool: one ``size`` square (clipped to the slice) per slice at a uniformly random place."""
+    n, _, h, w = shape
+    ph, pw = min(size, h), min(size, w)
+    top = torch.randint(0, h - ph + 1, (n,), device=device, generator=generator)
+    left = torch.randint(0, w - pw + 1, (n,), device=device, generator=generator)
+    rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
+    inside_rows = (rows >= top[:, None]) & (rows < top[:, None] + ph)
+    inside_cols = (cols >= left[:, None]) & (cols < left[:, None] + pw)
+    return (inside_rows[:, :, None] & inside_cols[:, None, :])[:, None]
 
 
 class X0PrepareBatch(EpochSeeded, PrepareBatch):
@@ -28,6 +42,8 @@ class X0PrepareBatch(EpochSeeded, PrepareBatch):
             containing brain (``mask_key``, else foreground) are stacked into one batch (validation on whole volumes).
         mask_key: key of the brain masks, used for volumes only.
         timestep_range: steps are drawn uniformly from [low, high).
+        patch_size: pDDPM: noise only one ``patch_size`` square per slice, at a random place, and keep the rest of the
+            slice clean as context (x_t outside the patch is x0); None noises the whole slice.
         seed: if set, timesteps and noise come from a generator reset to this seed at the start of every epoch of the
             engine this object is attached to, so validation losses are comparable across epochs.
     """
@@ -39,6 +55,7 @@ class X0PrepareBatch(EpochSeeded, PrepareBatch):
         image_key: str = "image",
         mask_key: str = "mask",
         timestep_range: Sequence[int] | None = None,
+        patch_size: int | None = None,
         seed: int | None = None,
     ) -> None:
         self.scheduler = scheduler
@@ -46,6 +63,7 @@ class X0PrepareBatch(EpochSeeded, PrepareBatch):
         self.image_key = image_key
         self.mask_key = mask_key
         self.timestep_range = timestep_bounds(timestep_range, scheduler.num_train_timesteps)
+        self.patch_size = patch_size
         self.seed = seed
 
     def __call__(
@@ -63,4 +81,6 @@ class X0PrepareBatch(EpochSeeded, PrepareBatch):
         timesteps = torch.randint(low, high, (images.shape[0],), device=images.device, generator=generator)
         noise = self.noise(x0, generator=generator)
         x_t = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
+        if self.patch_size:
+            x_t = torch.where(random_patches(x0.shape, self.patch_size, generator, x0.device), x_t, x0)
         return x_t, x0, (), {"timesteps": timesteps, "condition": images}
