@@ -5,8 +5,9 @@ cohort of seed 0, see the bundles' docs) on a freshly generated cohort of anothe
 tested on was seen in training; thresholds are calibrated on that cohort's validation split only. ``--train`` trains
 the demo-sized bundles from scratch first (CPU: about 10 min for cDDPM, 20 min for AutoDDPM at 100 epochs).
 
-Every step is the real bundle command a user runs (``python -m monai.bundle run`` inside the bundle folder), with the
-CPU-sized ``configs/demo.json`` overrides; this script only chains them and prints the metrics side by side.
+Every step is the real bundle command a user runs (``python -m monai.bundle run`` inside the bundle folder) at the
+shipped models' sizes, with ``configs/demo.json`` (a short CPU run: 100 epochs, batches of 4 x 4 slices, no loader
+workers; the evaluations take its batch and workers too); this script only chains them and prints the metrics.
 
     python scripts/run_demo.py [--out demo] [--seed 1] [--sets Tumour MS Stroke] [--contrast t2]
         [--methods cddpm autoddpm] [--train [--epochs 100]]
