@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lib import demo_cohort
-from lib.benchmarking import BUNDLES, header, markdown_table, write_report
+from lib.benchmarking import BUNDLES, header, markdown_table, process_tree, write_report
 from lib.commands import bundle_command
 from uad.files import atomic_write_text
 
@@ -59,20 +59,6 @@ def _status_kb(pid: int, field: str) -> int:
     return 0
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants."""
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*") if Path(f"/proc/{p}/task").is_dir() else []:
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    return pids
-
-
 def monitor(cmd: Sequence[str], cwd: Path, out_dir: Path, marks: Sequence[int], poll: float = 0.5) -> dict[str, Any]:
     """Run ``cmd``; at each mark (number of maps written) record elapsed seconds, the main process's peak resident
     memory and the peak sampled memory of its process tree (MB)."""
@@ -84,7 +70,7 @@ def monitor(cmd: Sequence[str], cwd: Path, out_dir: Path, marks: Sequence[int], 
     while todo:
         done = len(list(out_dir.glob("*_anomaly_map.nii.gz"))) if out_dir.is_dir() else 0
         hwm = max(hwm, _status_kb(proc.pid, "VmHWM"))
-        tree_peak = max(tree_peak, sum(_status_kb(p, "VmRSS") for p in _tree(proc.pid)))
+        tree_peak = max(tree_peak, sum(_status_kb(p, "VmRSS") for p in process_tree(proc.pid)))
         while todo and done >= todo[0]:
             rows.append({"cases": todo.pop(0), "seconds": time.monotonic() - start, "peak_rss_mb": hwm / 1024})
             rows[-1]["peak_tree_rss_mb"] = tree_peak / 1024

@@ -4,14 +4,19 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import TINY_GRID, bundle_parser, run_bundle
-from lib.commands import command_configs
+from conftest import REPO, TINY_GRID, bundle_parser, free_port, run_bundle, subprocess_env
+from lib.benchmarking import process_tree
+from lib.commands import bundle_command, command_configs
 from uad.errors import InputError, input_error_message
 from uad.sharding import shard_cases, shard_of
 
@@ -57,19 +62,6 @@ def test_inference_over_two_ranks_equals_one_process(five_cases, tmp_path):
     assert len(single) == 2 * FIVE and single.keys() == ranks.keys()  # a map and a mask per case, none twice
     for name, array in single.items():
         assert np.array_equal(array, ranks[name]), name  # to the bit
-
-
-def test_a_rerun_infers_only_the_cases_of_the_shard_that_did_not_finish(five_cases, tmp_path):
-    out = tmp_path / "out"
-    overrides = {**COMMON, "datalist": str(five_cases), "output_dir": str(out)}
-    run_bundle("cddpm_bundle", command_configs("inference"), {**overrides, "shard": [0, 2]})  # rank 1 never finished
-    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*_anomaly_*.nii.gz")}
-    assert len(done) == 2 * 3  # cases 0, 2, 4
-    configs = command_configs("inference", "multi_gpu_inference")
-    result = run_bundle("cddpm_bundle", configs, overrides, nproc=2)
-    assert "3 of 3 case(s) already have their outputs" in result.stdout + result.stderr  # rank 0: nothing left
-    assert len(maps(out)) == 2 * FIVE
-    assert all(out.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in done.items())  # not written again
 
 
 def evaluation(demo_cohort: Path, out: Path, **overrides) -> dict:
@@ -130,3 +122,54 @@ def test_distributed_overlays_shard_by_the_process_group(bundle, bundle_imports)
         assert "init_process_group(backend=@backend)" in parser["initialize"][0]
     evaluate = bundle_parser(bundle, "inference.json", "evaluate.json")
     assert evaluate["evaluation"]["shard"] == "@shard" and evaluate["evaluation"]["merge"] == "@merge"
+
+
+def worker_ranks(launcher: int) -> dict[int, int]:
+    """``{rank: pid}`` of the live worker processes under a ``torchrun`` launcher (their ``RANK`` variable)."""
+    ranks = {}
+    for pid in process_tree(launcher)[1:]:
+        try:
+            env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if "RANK" in env and "LOCAL_RANK" in env:
+            ranks.setdefault(int(env["RANK"]), pid)
+    return ranks
+
+
+def test_a_killed_rank_is_finished_by_the_rerun(demo_cohort, tmp_path):
+    """SIGKILL one live rank once the first mask is written; torchrun stops the job; the same command then infers
+    only the cases without outputs, and every case ends with its map and mask."""
+    images = sorted((demo_cohort / "Train" / "ixi" / "t2").glob("*.nii.gz"))[:7]
+    test = [{"image": str(i), "mask": str(i).replace("/t2/", "/mask/").replace("_t2.", "_mask.")} for i in images]
+    (tmp_path / "seven.json").write_text(json.dumps({"test": test}))
+    out = tmp_path / "out"
+    configs = command_configs("inference", "multi_gpu_inference")
+    overrides = {**COMMON, "datalist": str(tmp_path / "seven.json"), "output_dir": str(out)}
+    python, *command = bundle_command(configs, overrides)
+    cmd = [python, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", *command]
+    env = {**subprocess_env(), "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen(
+        cmd, cwd=REPO / "cddpm_bundle", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    deadline, killed = time.monotonic() + 300, None
+    while launcher.poll() is None and time.monotonic() < deadline:
+        ranks = worker_ranks(launcher.pid)
+        if killed is None and list(out.glob("*_anomaly_mask.nii.gz")) and ranks:
+            killed = ranks.get(1, next(iter(ranks.values())))
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.02)
+    assert launcher.wait(timeout=60) != 0 and killed is not None, "no rank was killed mid-run"
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*_anomaly_*.nii.gz")}
+    assert 0 < len(done) < 2 * 7  # some cases finished, not all
+    rerun = subprocess.run(
+        cmd[:4] + [f"--master_port={free_port()}"] + cmd[5:],
+        cwd=REPO / "cddpm_bundle",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(maps(out)) == 2 * 7 and not list(out.glob(".*tmp*"))
+    assert all(out.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in done.items())  # not inferred again

@@ -141,3 +141,17 @@ def load_config(root: Path, names: list[str], overrides: dict[str, Any]) -> Conf
 def chance_auprc(summary: dict) -> float:
     """The AUPRC of a random map: the lesion prevalence inside the brain (means over the test volumes)."""
     return summary["n_lesion_voxels"]["mean"] / summary["n_brain_voxels"]["mean"]
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*") if Path(f"/proc/{p}/task").is_dir() else []:
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return pids
