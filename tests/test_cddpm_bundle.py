@@ -526,4 +526,4 @@ def test_pddpm_trains_and_infers_with_the_bundle_commands(demo_cohort, tmp_path,
     assert written.shape == nib.load(image).shape and written.get_fdata().max() > 0
     bundle_imports("cddpm_bundle")
     shipped = parser("inference.json", "pddpm.json").get_parsed_content("inferer")  # the shipped 64 px grid
-    assert (shipped.patch_size, shipped.patch_stride, shipped.network_passes_per_slice) == (32, 16, 3 * 3 * 3)
+    assert (shipped.patch_size, shipped.patch_stride, shipped.network_passes_per_slice) == (32, 16, 3 * 3)
