@@ -15,7 +15,7 @@ import pytest
 from conftest import SHARED_IXI
 from PIL import Image
 from uad.errors import InputError
-from uad.metrics import pooled_dice
+from uad.metrics import pooled_dice, volume_metrics
 
 SHARED_ATLAS = SHARED_IXI.parent / "atlas_t1_axial"
 needs_shared = pytest.mark.skipif(
@@ -115,5 +115,6 @@ def test_pooled_dice_pools_voxels_over_cases():
     seg[:2, :2] = True  # 4 lesion voxels in the first case, the second is healthy
     first, second = seg * 1.0, np.zeros((4, 4, 1))
     second[3, 3] = 1.0  # one false positive
-    assert pooled_dice([first, second], [seg, None], [brain, brain], 0.5, min_component_size=1) == 2 * 4 / (5 + 4)
-    assert np.isnan(pooled_dice([second], [None], [brain], 0.5))
+    rows = [volume_metrics(m, g, brain, {"t": 0.5}, min_component_size=1) for m, g in ((first, seg), (second, None))]
+    assert pooled_dice(rows, "t") == 2 * 4 / (5 + 4)
+    assert np.isnan(pooled_dice(rows[1:], "t"))

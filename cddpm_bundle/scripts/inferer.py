@@ -67,6 +67,17 @@ class CDDPMAnomalyInferer(SliceAnomalyInferer):
         starts = list(range(0, length - self.patch_size + 1, self.patch_stride))
         return starts if starts[-1] == length - self.patch_size else [*starts, length - self.patch_size]
 
+    def square_masks(self, h: int, w: int, device: torch.device) -> list[torch.Tensor]:
+        """(1, 1, H, W) bool masks of the squares noised one at a time (one covering the slice without patches)."""
+        ph, pw = min(self.patch_size or h, h), min(self.patch_size or w, w)
+        masks = []
+        for top in self.patch_starts(h):
+            for left in self.patch_starts(w):
+                square = torch.zeros((1, 1, h, w), dtype=torch.bool, device=device)
+                square[..., top : top + ph, left : left + pw] = True
+                masks.append(square)
+        return masks
+
     @property
     def network_passes_per_slice(self) -> int:
         if not self.patch_size or self.slice_size is None:
@@ -80,17 +91,13 @@ class CDDPMAnomalyInferer(SliceAnomalyInferer):
         """The noise-ensemble reconstruction of slices (N, 1, H, W) in [0, 1] (``network(x_t, timesteps=t,
         condition=x) -> x0``), ``{"reconstruction"}`` in [0, 1]; ``brain`` is not used."""
         x0 = to_model_range(slices)
-        h, w = slices.shape[-2:]
-        squares = [(top, left) for top in self.patch_starts(h) for left in self.patch_starts(w)]
-        size = (min(self.patch_size or h, h), min(self.patch_size or w, w))
+        masks = self.square_masks(*slices.shape[-2:], slices.device)
         recon, cover = torch.zeros_like(slices), torch.zeros_like(slices)
         for t in self.timesteps:
             steps = torch.full((slices.shape[0],), t, device=slices.device, dtype=torch.long)
             noise = self.noise(x0, generator=generator)
             x_t = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=steps)
-            for top, left in squares:
-                square = torch.zeros_like(slices, dtype=torch.bool)
-                square[..., top : top + size[0], left : left + size[1]] = True
+            for square in masks:
                 with self.autocast(slices.device):
                     x0_hat = network(torch.where(square, x_t, x0), timesteps=steps, condition=slices)
                 recon += torch.where(square, from_model_range(x0_hat.float()), 0.0)

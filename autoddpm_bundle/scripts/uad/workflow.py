@@ -237,9 +237,7 @@ def evaluate_cases(
     if test_cases:
         scores, labels = in_brain_voxels(maps, masks), in_brain_voxels(segs, masks) != 0
         pooled = {"auprc": average_precision(scores, labels), "auroc": roc_auc(scores, labels)}
-        pooled.update(
-            {f"dice@{k}": pooled_dice(maps, segs, masks, t, min_component_size) for k, t in thresholds.items()}
-        )
+        pooled.update({f"dice@{name}": pooled_dice(rows, name) for name in thresholds})
         slice_auroc = slice_detection_auroc(maps, masks, segs)
         if labels.any():
             save_pr_curve(out_dir / "pr_curve.png", scores, labels, thresholds)

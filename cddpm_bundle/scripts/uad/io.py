@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,14 +145,17 @@ def config_ids(values: Mapping, prefix: str = "") -> dict:
     return flat
 
 
-def _differences(recorded: dict, configured: dict, ids: Iterable[str] | None = None) -> str:
-    """``"unet#channels: [32, 64] there, [128, 256] here; ..."`` for the ids (default: all) whose values differ."""
-    ids = sorted(set(recorded) | set(configured)) if ids is None else ids
-    return "; ".join(
-        f"{i}: {recorded.get(i, 'unset')} there, {configured.get(i, 'unset')} here"
-        for i in ids
+def _differences(recorded: dict, configured: dict) -> dict[str, str]:
+    """``{"unet#channels": "[32, 64] there, [128, 256] here"}`` for every id whose values differ."""
+    return {
+        i: f"{recorded.get(i, 'unset')} there, {configured.get(i, 'unset')} here"
+        for i in sorted(set(recorded) | set(configured))
         if recorded.get(i) != configured.get(i)
-    )
+    }
+
+
+def _listed(differences: dict[str, str]) -> str:
+    return "; ".join(f"{i}: {d}" for i, d in differences.items())
 
 
 def write_model_config(ckpt_dir: str | os.PathLike, sizes: Mapping) -> Path:
@@ -177,7 +180,8 @@ def write_model_config(ckpt_dir: str | os.PathLike, sizes: Mapping) -> Path:
         if differences:
             raise InputError(
                 f"{weights} was trained with other sizes ({path}) than the config files of this run set "
-                f"({differences}): train into an empty ckpt_dir, or with the config overlay those weights came with"
+                f"({_listed(differences)}): train into an empty ckpt_dir, or with the config overlay those weights "
+                "came with"
             )
     write_json(path, sizes)
     logger.info("network sizes and input grid of the weights in %s recorded in %s", folder, path)
@@ -199,12 +203,11 @@ def check_model_config(ckpt_path: str | os.PathLike, sizes: Mapping) -> None:
             f"{ckpt_path}: no {MODEL_CONFIG_FILE} beside the weights ({path}), so the sizes they were trained with "
             "are unknown; keep the file training wrote with the weights"
         )
-    recorded, configured = _read_object(path, "network sizes"), config_ids(sizes)
-    differences = _differences(recorded, configured)
-    if _differences(recorded, configured, [i for i in {**recorded, **configured} if i not in GRID_IDS]):
+    differences = _differences(_read_object(path, "network sizes"), config_ids(sizes))
+    if any(i not in GRID_IDS for i in differences):
         raise InputError(
-            f"{ckpt_path} was trained with other sizes ({path}) than the config files set ({differences}): run with "
-            "the config overlay of those weights (e.g. configs/paper.json for the published sizes)"
+            f"{ckpt_path} was trained with other sizes ({path}) than the config files set ({_listed(differences)}): "
+            "run with the config overlay of those weights (e.g. configs/paper.json for the published sizes)"
         )
     if differences:
-        logger.warning("%s was trained on another input grid (%s): %s", ckpt_path, path, differences)
+        logger.warning("%s was trained on another input grid (%s): %s", ckpt_path, path, _listed(differences))

@@ -189,24 +189,6 @@ def binarise(anomaly_map: np.ndarray, mask: np.ndarray, threshold: float, min_co
     return remove_small_components(pred, min_component_size)
 
 
-def pooled_dice(
-    maps: Sequence[np.ndarray],
-    segs: Sequence[np.ndarray | None],
-    masks: Sequence[np.ndarray],
-    threshold: float,
-    min_component_size: int = 8,
-) -> float:
-    """Dice over the in-brain voxels of all volumes pooled, each binarised at ``threshold`` (:func:`binarise`);
-    ``segs`` None are healthy volumes. NaN without lesion voxels."""
-    preds, targets = [], []
-    for anomaly_map, seg, mask in zip(maps, segs, masks, strict=True):
-        brain = np.asarray(mask) != 0
-        preds.append(binarise(anomaly_map, brain, threshold, min_component_size)[brain])
-        targets.append(np.zeros(int(brain.sum()), bool) if seg is None else (np.asarray(seg) != 0)[brain])
-    target = np.concatenate(targets) if targets else np.zeros(0, bool)
-    return dice(np.concatenate(preds), target) if target.any() else math.nan
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # per-volume metrics
 
@@ -220,8 +202,8 @@ def volume_metrics(
 ) -> dict[str, float]:
     """Metrics of one volume.
 
-    Keys: ``dice@<name>``, ``fpr@<name>`` (false-positive rate among healthy in-brain voxels) and ``fp_voxels@<name>``
-    (their count) per threshold,
+    Keys: ``dice@<name>``, ``fpr@<name>`` (false-positive rate among healthy in-brain voxels), ``tp_voxels@<name>`` and
+    ``fp_voxels@<name>`` (true and false positives) per threshold,
     ``auprc``, ``auroc``, ``oracle_dice`` (best Dice of this volume over all thresholds, before component
     removal), ``n_brain_voxels``, ``n_lesion_voxels``. Lesion metrics are NaN when the volume has no lesion voxel.
 
@@ -240,6 +222,7 @@ def volume_metrics(
         row[f"dice@{name}"] = dice(pred, target) if has_lesion else math.nan
         false_positives = int((pred & ~target).sum())
         row[f"fpr@{name}"] = false_positives / n_healthy if n_healthy else math.nan
+        row[f"tp_voxels@{name}"] = int((pred & target).sum())
         row[f"fp_voxels@{name}"] = false_positives
     counts = _ranked_counts(np.asarray(anomaly_map)[brain], target[brain]) if has_lesion else None
     row["auprc"] = _average_precision(counts) if counts else math.nan
@@ -354,6 +337,16 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
             "n": int(values.size),
         }
     return summary
+
+
+def pooled_dice(rows: Sequence[Mapping[str, Any]], name: str) -> float:
+    """Dice over the in-brain voxels of all volumes pooled, from their :func:`volume_metrics` rows at threshold
+    ``name``: ``2 TP / (2 TP + FP + FN)`` summed over the volumes; NaN without lesion voxels."""
+    lesion = sum(row["n_lesion_voxels"] for row in rows)
+    if not lesion:
+        return math.nan
+    tp, fp = (sum(row[f"{kind}_voxels@{name}"] for row in rows) for kind in ("tp", "fp"))
+    return 2 * tp / (tp + fp + lesion)
 
 
 def _is_number(rows: Sequence[Mapping[str, Any]], key: str) -> bool:
