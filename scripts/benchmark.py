@@ -18,6 +18,9 @@ Methods (``--methods``):
   brain box, ``--brain_crop True``);
 - the efficient recipe, both changes that paid off together (t in [200, 800) and the brain-box crop), with and
   without conditioning: ``cddpm_efficient`` and ``ddpm_efficient``.
+- ``cddpm_efficient_<setting>``: the ``cddpm_efficient`` weights with other test-time settings (final weights only):
+  noise levels ``t200``, ``t250``, ``t250_500``, ``t500_750``, ``t750``; ``erosion1``, the brain mask eroded once
+  instead of 3 times (``mean_image_erosion1``: the baseline so).
 - AutoDDPM's efficient recipe, its test noise levels (t in [0, 200)) and the brain-box crop, with both samplers:
   ``autoddpm_efficient_ref`` and ``autoddpm_efficient_fast`` (one training).
 
@@ -90,6 +93,7 @@ class Method:
     eval_overrides: dict[str, Any] = field(default_factory=dict)
     pretrain: bool = False
     curve: bool = True  # evaluated at every curve point (False: final weights only)
+    template: bool = False  # a baseline: the residual to the mean healthy training image (else the intensity)
 
 
 TEST_NOISE_LEVELS = {"timestep_range": [200, 800]}  # train on the noise levels used at test time
@@ -100,9 +104,17 @@ AUTODDPM_EFFICIENT = {  # its mask and re-sample chains start below level 200
     "overrides": {"timestep_range": [0, 200]},
     "train_configs": BRAIN_CROP["train_configs"],
 }
+TEST_SETTINGS = {  # name: (label, inference keys)
+    "t200": ("tested at t = 200", {"ensemble_timesteps": [200]}),
+    "t250": ("tested at t = 250", {"ensemble_timesteps": [250]}),
+    "t250_500": ("tested at t = 250, 500", {"ensemble_timesteps": [250, 500]}),
+    "t500_750": ("tested at t = 500, 750", {"ensemble_timesteps": [500, 750]}),
+    "t750": ("tested at t = 750", {"ensemble_timesteps": [750]}),
+    "erosion1": ("brain mask eroded once (not 3 times)", {"inferer#erosion_iterations": 1}),
+}
 METHODS = {
     "intensity": Method("intensity only"),
-    "mean_image": Method("mean healthy image"),
+    "mean_image": Method("mean healthy image", template=True),
     "ddpm": Method("DDPM (unconditioned)", training="ddpm", configs=("ablation_ddpm",)),
     "pddpm": Method("pDDPM (patched, unconditioned)", training="pddpm", configs=("pddpm",)),
     "cddpm": Method("cDDPM (simplex)", training="cddpm"),
@@ -148,6 +160,23 @@ METHODS = {
     "cddpm_efficient": Method(
         "cDDPM, t in [200, 800) + brain-box crop", training="cddpm_efficient", overrides=TEST_NOISE_LEVELS, **BRAIN_CROP
     ),
+    # its test-time settings, evaluated on the final weights only: noise levels, brain-mask erosion
+    **{
+        f"cddpm_efficient_{name}": Method(
+            f"cDDPM, t in [200, 800) + brain-box crop, {label}",
+            training="cddpm_efficient",
+            overrides=TEST_NOISE_LEVELS,
+            train_configs=BRAIN_CROP["train_configs"],
+            eval_overrides={**BRAIN_CROP["eval_overrides"], **keys},
+            curve=False,
+        )
+        for name, (label, keys) in TEST_SETTINGS.items()
+    },
+    "mean_image_erosion1": Method(
+        f"mean healthy image, {TEST_SETTINGS['erosion1'][0]}",
+        eval_overrides=TEST_SETTINGS["erosion1"][1],
+        template=True,
+    ),
 }
 DEFAULT_METHODS = [
     "intensity",
@@ -162,6 +191,8 @@ DEFAULT_METHODS = [
 ]
 COLUMNS = (
     ("method", "method"),
+    ("val_best_dice", "val Dice (best)"),
+    ("val_auprc", "val AUPRC"),
     ("dice@best_dice_val", "Dice@val-thr"),
     ("dice@fpr_5", "Dice@5%FPR"),
     ("auprc", "AUPRC"),
@@ -260,7 +291,7 @@ def ixi_datasets(out: Path, args) -> list[Dataset]:
 def baseline_config(method: str, dataset: Dataset, work: Path) -> str:
     """A config file turning the cDDPM evaluation into a baseline (``scripts/lib/baselines.py``); returns its path."""
     template = None
-    if method == "mean_image":
+    if METHODS[method].template:
         template = work / "mean_image.pt"
         if not template.is_file():
             with bundle_context("cddpm") as root:
@@ -329,6 +360,7 @@ def evaluate(
             "method": method.label,
             "healthy_fp_px": metrics.get("healthy_test", {}).get("fp_voxels@best_dice_val", {}).get("mean"),
             **{f"pooled_{k}": metrics["pooled_test"].get(m) for k, m in POOLED.items()},
+            **{f"val_{k}": v for k, v in metrics.get("validation_labelled", {}).items()},
             "healthy_ssim": recon.get("ssim", {}).get("mean"),
             "healthy_psnr": recon.get("psnr", {}).get("mean"),
             "passes": metrics.get("extra", {}).get("network_passes_per_slice"),

@@ -71,10 +71,14 @@ def test_atlas_slices_on_the_ixi_grid_with_one_mask_convention(few_slices, tmp_p
 def test_benchmark_ranks_the_mean_image_on_real_strokes(few_slices, tmp_path):
     ixi, atlas = few_slices
     args = ["--data", "atlas", "--ixi", str(ixi), "--atlas", str(atlas), "--methods", "mean_image", "intensity"]
+    args += ["mean_image_erosion1"]
     assert benchmark.main([*args, "--budget", "1", "--curve-points", "1", "--out", str(tmp_path)]) == 0
     rows = {r["key"]: r for r in json.loads((tmp_path / "benchmark.json").read_text())["rows"]}
     mean = rows["mean_image"]
     assert mean["target"] == "ATLAS" and 0 < mean["pooled_auroc"] <= 1 and mean["pooled_auprc"] > mean["chance_auprc"]
+    assert 0 < mean["val_best_dice"] <= 1 and 0 < mean["val_auprc"] <= 1  # the figures settings are chosen on
+    eroded_once = rows["mean_image_erosion1"]  # the same template, a wider band of brain mapped
+    assert eroded_once["val_auprc"] != mean["val_auprc"] and eroded_once["pooled_auprc"] > mean["chance_auprc"]
     assert mean["healthy_fp_px"] >= 0 and "FP px per lesion-free test case" in (tmp_path / "benchmark.md").read_text()
 
 

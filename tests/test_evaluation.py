@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.metrics import SSIMMetric
 from sklearn.metrics import average_precision_score, roc_auc_score
-from uad.calibration import best_dice_threshold, fpr_threshold
+from uad.calibration import best_dice_calibration, fpr_threshold
 from uad.metrics import (
     average_precision,
     best_dice,
@@ -102,7 +102,7 @@ def test_fpr_threshold_reaches_requested_rate_on_healthy_data():
         assert fpr - 1.0 / pooled.size <= np.mean(pooled > threshold) <= fpr
 
 
-def test_best_dice_threshold_separates_constructed_case():
+def test_best_dice_calibration_separates_constructed_case():
     rng = np.random.default_rng(2)
     masks, segs, maps = [], [], []
     for _ in range(2):
@@ -112,7 +112,9 @@ def test_best_dice_threshold_separates_constructed_case():
         masks.append(brain)
         segs.append(seg)
         maps.append(np.where(seg, rng.uniform(0.6, 1.0, SHAPE), rng.uniform(0.0, 0.4, SHAPE)) * brain)
-    threshold = best_dice_threshold(maps, segs, masks)
+    best = best_dice_calibration(maps, segs, masks)
+    assert best["dice"] == 1.0 and best["auprc"] == 1.0
+    threshold = best["threshold"]
     healthy_max = max(a[m & ~s].max() for a, m, s in zip(maps, masks, segs, strict=True))
     assert healthy_max <= threshold < 0.6
     for a, m, s in zip(maps, masks, segs, strict=True):

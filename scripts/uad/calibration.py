@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import best_dice, in_brain_voxels
+from .metrics import average_precision, best_dice, in_brain_voxels
 
 __all__ = [
     "BEST_DICE",
-    "best_dice_threshold",
+    "best_dice_calibration",
     "calibrate_thresholds",
     "default_threshold",
     "fpr_threshold",
@@ -47,19 +47,24 @@ def has_lesion(case: Mapping[str, Any]) -> bool:
     )
 
 
-def best_dice_threshold(maps: Sequence[np.ndarray], segs: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:
-    """Threshold of the best Dice over the pooled in-brain voxels of labelled validation volumes.
+def best_dice_calibration(
+    maps: Sequence[np.ndarray], segs: Sequence[np.ndarray], masks: Sequence[np.ndarray]
+) -> dict[str, float]:
+    """The best Dice over the pooled in-brain voxels of labelled validation volumes, its threshold, and the AUPRC of
+    those voxels: the validation figures to choose settings on (the test split only reports).
 
     Args:
         maps, segs, masks: lists of (H, W, D) anomaly maps, lesion segmentations and brain masks.
 
     Returns:
-        threshold ``t`` for ``anomaly_map > t`` (before small-component removal).
+        ``{"threshold", "dice", "auprc"}``: ``anomaly_map > threshold`` (before small-component removal) reaches
+        ``dice``.
     """
     scores, labels = in_brain_voxels(maps, masks), in_brain_voxels(segs, masks) != 0
     if not labels.any():
         raise ValueError("best-Dice calibration needs lesion voxels inside the brain masks.")
-    return best_dice(scores, labels)[0]
+    threshold, dice = best_dice(scores, labels)
+    return {"threshold": threshold, "dice": dice, "auprc": average_precision(scores, labels)}
 
 
 def fpr_threshold(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr: float) -> float:
@@ -78,15 +83,22 @@ def fpr_threshold(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr: 
 
 def calibrate_thresholds(
     labelled: Sequence[Mapping[str, Any]], healthy: Sequence[Mapping[str, Any]], fprs: Sequence[float]
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, float]]:
     """Best-Dice threshold from labelled validation cases and one label-free threshold per FPR from healthy ones.
 
     A missing kind of validation case skips its calibration with a warning.
+
+    Returns:
+        the thresholds by name, and the labelled validation figures ``{"best_dice", "auprc"}`` (pooled in-brain
+        voxels; empty without labelled cases).
     """
     thresholds: dict[str, float] = {}
+    validation: dict[str, float] = {}
     if labelled:
         maps, segs, masks = ([c[k] for c in labelled] for k in ("anomaly_map", "seg", "mask"))
-        thresholds[BEST_DICE] = best_dice_threshold(maps, segs, masks)
+        best = best_dice_calibration(maps, segs, masks)
+        thresholds[BEST_DICE] = best["threshold"]
+        validation = {"best_dice": best["dice"], "auprc": best["auprc"]}
     else:
         logger.warning("No labelled validation case (non-empty seg): best-Dice threshold NOT calibrated.")
     if healthy:
@@ -94,7 +106,7 @@ def calibrate_thresholds(
         thresholds.update({threshold_name(f): fpr_threshold(maps, masks, f) for f in fprs})
     else:
         logger.warning("No healthy validation case (seg missing or empty): label-free FPR thresholds NOT calibrated.")
-    return thresholds
+    return thresholds, validation
 
 
 def default_threshold(thresholds: Mapping[str, float]) -> str | None:

@@ -224,7 +224,7 @@ def evaluate_cases(
         _check_case(case)
     labelled = [c for c in val_cases if has_lesion(c)]
     healthy = [c for c in val_cases if not has_lesion(c)]
-    thresholds = calibrate_thresholds(labelled, healthy, fprs)
+    thresholds, validation = calibrate_thresholds(labelled, healthy, fprs)
     method = default_threshold(thresholds)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +253,7 @@ def evaluate_cases(
         "healthy_test": summarise([r for r, c in zip(rows, test_cases, strict=True) if not has_lesion(c)]),
         "pooled_test": pooled,
         "slice_auroc": slice_auroc,
+        "validation_labelled": validation,
         "reconstruction_healthy_val": summarise(recon_rows),
         "counts": {
             "val_labelled": len(labelled),
@@ -296,6 +297,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     for name, value in metrics.get("pooled_test", {}).items():
         lines.append(f"{'pooled_' + name:<28} {value:>8.4f}")
     lines.append(f"{'slice_auroc':<28} {metrics.get('slice_auroc', float('nan')):>8.4f}")
+    for name, value in metrics.get("validation_labelled", {}).items():
+        lines.append(f"{'val_' + name:<28} {value:>8.4f}")
     for name, stats in metrics.get("reconstruction_healthy_val", {}).items():
         lines.append(f"{'healthy_val_' + name:<28} {stats['mean']:>8.4f} {stats['std']:>8.4f} {stats['n']:>4}")
     for name, value in metrics["thresholds"].items():
