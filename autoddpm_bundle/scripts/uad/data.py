@@ -22,6 +22,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from monai.data import PILReader
+from monai.utils import MetaKeys
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CONTRASTS",
     "ENTRY_KEYS",
+    "FieldOfViewPNGReader",
     "IMAGE_SUFFIXES",
     "SPLIT_COLUMNS",
     "case_name",
@@ -382,6 +385,33 @@ def _read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, dict]:
         return reader.get_data(reader.read(str(folder)))
     except RuntimeError as e:
         raise InputError(f"{folder}: not a readable DICOM series ({e})") from e
+
+
+class FieldOfViewPNGReader(PILReader):
+    """PNG slices that cover a known field of view, read on the physical grid it gives them.
+
+    A PNG stores no spacing. For slices of one registered space stored at any resolution (e.g. MNI152 axial slices,
+    233 mm anterior -> posterior in rows, 197 mm left -> right in columns), the spacing of each axis is the field of
+    view over its pixel count, so a 128 x 128 and a 233 x 197 slice of that space resample to one grid. The array keeps
+    the file's (rows, columns) order (MONAI's ``PILReader`` swaps them by default), as the slices' NIfTI copies store
+    it; the affine is that diagonal spacing. Other formats fall through to MONAI's default readers.
+
+    Args:
+        field_of_view: millimetres covered by the rows and by the columns.
+    """
+
+    def __init__(self, field_of_view: Sequence[float], **kwargs) -> None:
+        super().__init__(reverse_indexing=False, **kwargs)
+        self.field_of_view = tuple(float(f) for f in field_of_view)
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        """(rows, columns) array and its metadata, the affine spacing = field of view / pixels."""
+        array, meta = super().get_data(img)
+        shape = array.shape[:2]  # a colour channel, if any, is last
+        affine = np.diag([fov / n for fov, n in zip(self.field_of_view, shape, strict=True)] + [1.0])
+        meta[MetaKeys.SPATIAL_SHAPE] = np.asarray(shape)
+        meta[MetaKeys.AFFINE] = meta[MetaKeys.ORIGINAL_AFFINE] = affine
+        return array, meta
 
 
 def image_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray | None]:
