@@ -19,7 +19,7 @@ needs_shared = pytest.mark.skipif(
     not (SHARED_IXI.is_dir() and SHARED_ATLAS.is_dir()),
     reason="shared IXI and ATLAS slices not present (../shared/data/ixi_t1_axial, ../shared/data/atlas_t1_axial)",
 )
-BUNDLES = ("cddpm_bundle",)
+BUNDLES = ("cddpm_bundle", "autoddpm_bundle")
 
 
 def lesion_slice() -> str:
