@@ -3,10 +3,10 @@
     python scripts/package_bundle.py cddpm_bundle --out dist/ [--with-weights]
 
 Each bundle carries its copy of the shared code in ``<bundle>/scripts/uad`` (``scripts/sync_shared.py``), so the
-unzipped bundle runs on its own. Weights (``models/*.pt``, ``*.ts``) and the files describing them
-(``model_config.json``, ``thresholds.json``) are left out unless ``--with-weights``; caches and TensorBoard/evaluation
-outputs are always left out. The archive is checked
-before it is kept: every config in it must parse and instantiate its network from the unzipped copy alone.
+unzipped bundle runs on its own. Weights (``.pt``, ``.ts`` under ``models/``, ``models/ixi_t1/`` included) and the
+files describing them (``model_config.json``, ``thresholds.json``) are left out unless ``--with-weights``; caches and
+TensorBoard/evaluation outputs are always left out. The archive is checked before it is kept: every config in it must
+parse and instantiate its network from the unzipped copy alone.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path, help="bundle folder, e.g. cddpm_bundle")
     parser.add_argument("--out", type=Path, default=REPO / "dist", help="output folder (default: dist/)")
-    parser.add_argument("--with-weights", action="store_true", help="include models/*.pt")
+    parser.add_argument("--with-weights", action="store_true", help="include the weights under models/")
     args = parser.parse_args(argv)
     print(f"wrote {package(args.bundle, args.out, args.with_weights)}")
     return 0
