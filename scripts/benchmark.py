@@ -10,7 +10,7 @@ Methods (``--methods``):
 - ``cddpm``: the cDDPM bundle (simplex noise); ``cddpm_gaussian``: with Gaussian noise (``gaussian_noise.json``);
 - ``cddpm_spark``: cDDPM whose encoder starts from SparK pretraining (``pretrain_encoder.json``, budget / 2 iterations);
 - ``autoddpm_ref`` / ``autoddpm_fast``: one AutoDDPM training, evaluated with the exact DDPM chain (450 passes per
-  slice) and with the DDIM setting (35 passes);
+  slice) and with the DDIM setting (15 passes);
 - learning-efficiency variants of ``cddpm``, one change each: ``cddpm_t200_800`` (train on t in [200, 800), the test
   noise levels), ``cddpm_linear`` (linear instead of cosine schedule), ``cddpm_small`` (UNet 16/32/32),
   ``cddpm_warmup`` (``configs/warmup.json``), ``cddpm_ema`` (``configs/ema.json``, EMA weights validated and saved),

@@ -12,8 +12,10 @@ weights: speed does not depend on them) and times
 for each variant: ``fp32`` (eager), ``cl`` (fp32, channels-last weights: the bundles' CPU default), ``amp`` (fp16
 autocast on CUDA; bf16 on CPU, inference only since MONAI's trainer autocast is CUDA-only), ``amp+cl``, ``per-slice``
 (amp, one slice per network call instead of the whole volume, CUDA; not run for AutoDDPM's 450-pass DDPM chain), and
-the CPU backends of ``cpu_backends.py`` in fp32: ``compile`` (torch.compile, inductor), ``int8-linear`` (dynamic int8
-linear layers), ``onnxruntime`` and ``openvino`` (ONNX export; optional packages). Every reconstruction is compared
+the CPU backends of ``cpu_backends.py``: ``compile`` (torch.compile, inductor), ``int8-linear`` (dynamic int8
+linear layers), ``onnxruntime`` and ``openvino`` (ONNX export in fp32; optional packages) and ``int8-static`` (the
+ONNX export's convolutions quantised to int8, calibrated on the fp32 network's inputs on every 10th slice; set-up
+includes that run). Every reconstruction is compared
 with the fp32 eager one of the same volume (max abs difference); one-time set-up (export, compilation) is timed apart.
 The default variants: fp32, amp, amp+cl and per-slice with CUDA; fp32 and cl on a CPU, with amp and amp+cl only
 where the CPU computes bf16 natively. Writes ``speed.md`` / ``speed.json`` with the command and machine (CPU
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Engine
 from lib.benchmarking import (
@@ -46,7 +49,9 @@ from lib.benchmarking import (
     timed,
     write_report,
 )
-from lib.cpu_backends import backend_available, build_backend
+from lib.cpu_backends import RecordingNetwork, backend_available, build_backend
+from lib.demo_cohort import load_template_anatomy
+from lib.slices import fit
 from uad.backends import example_inputs
 from uad.precision import cpu_bf16_native
 from uad.training import load_weights
@@ -77,6 +82,7 @@ VARIANTS = {
     "compile": ("compile", False),
     "int8-linear": ("int8-linear", False),
     "onnxruntime": ("onnxruntime", False),
+    "int8-static": ("int8-static", False),
     "openvino": ("openvino", False),
 }
 TRAINED_VARIANTS = ("fp32", "amp", "amp+cl")
@@ -126,6 +132,18 @@ def bundle_network(parser, device: torch.device, demo: bool, root: Path) -> torc
     return network.to(device).eval()
 
 
+def mni152_volume(spacing: float, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MNI152 T1 template (white matter = 1, clipped to [0, 1]) and its brain mask at ``spacing`` mm, centred in
+    ``shape[:2]``, over the ``shape[2]`` consecutive axial slices with the most brain: (1, 1, H, W, D) each."""
+    anatomy = load_template_anatomy(spacing, margin=0, multiple=1)
+    brain = anatomy["mask"].sum((0, 1))
+    depth = min(shape[2], brain.size)
+    first = max(range(brain.size - depth + 1), key=lambda z: brain[z : z + depth].sum())
+    arrays = [fit(anatomy[k][..., first : first + depth], (*shape[:2], depth)) for k in ("t1", "mask")]
+    volume, mask = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None] for a in arrays)
+    return volume.clamp(0, 1) * mask, mask
+
+
 def inference_speed(
     root: Path, configs: list[str], overrides: dict[str, Any], device: torch.device, variant: str, args, reference
 ) -> tuple[dict[str, float], torch.Tensor]:
@@ -135,16 +153,26 @@ def inference_speed(
     volumes of a few slices."""
     backend, amp = VARIANTS[variant]
     batch = 1 if variant == "per-slice" else args.slices
-    parser = load_config(root, ["inference", *configs], {"amp": amp, "batch_size": batch, **overrides})
+    overrides = {"amp": amp, "batch_size": batch, "brain_crop": args.brain_crop, **overrides}
+    parser = load_config(root, ["inference", *configs], overrides)
     inferer = parser.get_parsed_content("inferer")
     h, w = parser.get_parsed_content("image_size")[:2]
-    generator = torch.Generator().manual_seed(0)
-    volume = torch.rand(1, 1, h, w, args.slices, generator=generator).to(device)
-    mask = torch.ones_like(volume)
+    if args.volume == "mni152":
+        volume, mask = mni152_volume(parser.get_parsed_content("pixdim")[0], (h, w, args.slices))
+        volume, mask = volume.to(device), mask.to(device)
+    else:
+        volume = torch.rand(1, 1, h, w, args.slices, generator=torch.Generator().manual_seed(0)).to(device)
+        mask = torch.ones_like(volume)
     network = bundle_network(parser, device, args.demo, root)
     start = time.perf_counter()
     if device.type == "cpu":
-        network = build_backend(backend, network, example_inputs(2, (h, w), condition=root.name.startswith("cddpm")))
+        calibration = None
+        if backend == "int8-static":  # the network's inputs on every 10th slice of the volume, in fp32
+            recorder = RecordingNetwork(network)
+            inferer(volume[..., ::10], recorder, mask=mask[..., ::10])
+            calibration = recorder.inputs
+        example = example_inputs(2, (h, w), condition=root.name.startswith("cddpm"))
+        network = build_backend(backend, network, example, calibration)
     elif backend == "channels-last":
         network = network.to(memory_format=torch.channels_last)
     setup = time.perf_counter() - start
@@ -162,7 +190,7 @@ def inference_speed(
     row = {
         "passes_per_slice": inferer.network_passes_per_slice,
         "infer_s_per_slice": seconds / args.slices,
-        "infer_s_per_volume": seconds / args.slices * VOLUME_SLICES,
+        "infer_s_per_volume": seconds / args.slices * VOLUME_SLICES if args.volume == "random" else seconds,
         "infer_peak_mb": peak_memory_mb(device),
         "setup_s": setup,
         "max_abs_diff": None if reference is None else float((recons[-1].float() - reference).abs().max()),
@@ -170,10 +198,11 @@ def inference_speed(
     return row, recons[-1].float()
 
 
-def settings(bundle: str, samplers: list[str]) -> list[tuple[str, dict[str, Any]]]:
-    """The inference settings measured per bundle: (label, config overrides)."""
+def settings(bundle: str, samplers: list[str], ensembles: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The inference settings measured per bundle: (label, config overrides); ``ensembles``: cDDPM test noise levels,
+    e.g. ``"250/500/750"``."""
     if bundle == "cddpm":
-        return [("ensemble 250/500/750", {})]
+        return [(f"ensemble {e}", {"ensemble_timesteps": [int(t) for t in e.split("/")]}) for e in ensembles]
     return [(f"{s} sampler", {"sampler": s}) for s in samplers]
 
 
@@ -185,6 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=5, help="timed training iterations (after one warm-up)")
     parser.add_argument("--train-batch", type=int, default=32, help="slices per training batch (paper: 32)")
     parser.add_argument("--slices", type=int, default=VOLUME_SLICES, help="brain slices in the timed volume")
+    parser.add_argument(
+        "--volume",
+        default="random",
+        choices=("random", "mni152"),
+        help="the timed volume: random voxels, every pixel brain (per volume = 50 x per slice); or the MNI152 T1 and "
+        "its brain mask on the grid, --slices axial slices (per volume: as timed)",
+    )
+    parser.add_argument("--brain-crop", action="store_true", help="infer on the brain box (the brain_crop key)")
+    parser.add_argument(
+        "--cddpm-ensembles", nargs="+", default=["250/500/750"], help="cDDPM test noise levels, one setting each"
+    )
     parser.add_argument("--autoddpm-samplers", nargs="+", default=["ddpm", "ddim"], choices=("ddpm", "ddim"))
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: by device")
     parser.add_argument("--skip-training", action="store_true")
@@ -214,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.skip_training and variant in TRAINED_VARIANTS and variant in variants:
                     if variant == "fp32" or device.type == "cuda":
                         train = training_speed(root, configs, device, variant, args)
-                for label, overrides in settings(bundle, args.autoddpm_samplers):
+                for label, overrides in settings(bundle, args.autoddpm_samplers, args.cddpm_ensembles):
                     if variant == "per-slice" and overrides.get("sampler") == "ddpm":
                         continue  # 450 passes x 50 one-slice calls: the batched rows already show the gap
                     row = {"bundle": bundle, "setting": label, "variant": variant, **train}
@@ -230,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     markdown = "\n".join(
         [
             header(f"Speed of the {size} bundles"),
-            f"Inference timed on one volume of {args.slices} brain slices; per volume = 50 x per slice.\n",
+            f"Inference timed on one volume of {args.slices} slices ({args.volume}); per volume = "
+            + ("50 x per slice.\n" if args.volume == "random" else "as timed.\n"),
             markdown_table(rows, COLUMNS),
         ]
     )

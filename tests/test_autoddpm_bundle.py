@@ -139,7 +139,7 @@ def test_configs_ship_the_demo_sizes_and_paper_json_the_published_ones(bundle_im
     assert inference["sampler"] == "ddim" and inference["perceptual"] == "ssim"  # fast by default
     assert inference["residual_quantile"] == 0.95 and inference["mask_quantile"] is None
     fast = inference.get_parsed_content("inferer")
-    assert isinstance(fast.scheduler, DDIMScheduler) and fast.network_passes_per_slice == 10 + 5 * 5
+    assert isinstance(fast.scheduler, DDIMScheduler) and fast.network_passes_per_slice == 5 + 2 * 5
     reference = parser("inference.json", "reference_sampler.json").get_parsed_content("inferer")
     assert isinstance(reference.scheduler, DDPMScheduler) and reference.network_passes_per_slice == 200 + 50 * 5
 
@@ -321,6 +321,46 @@ def test_resample_keeps_unmasked_region_exactly(scheduler):
     assert not torch.equal(inpainted[mask == 1], x[mask == 1]) and inpainted.min() >= 0 and inpainted.max() <= 1
 
 
+@pytest.mark.parametrize("scheduler", [DDPMScheduler(1000), DDIMScheduler(1000)], ids=["ddpm", "ddim"])
+def test_resample_skips_slices_without_mask_with_the_same_stages(scheduler):
+    """A slice whose binary mask is empty is not re-sampled by the network, and every stage output equals a run that
+    re-samples it (the noise draws do not change)."""
+
+    class FirstSliceOnly(torch.nn.Module):  # perceptual distance: 1 on the first slice, 0 on the others
+        name = "first"
+
+        def forward(self, x, y):
+            return (torch.arange(x.shape[0]) == 0).float().view(-1, 1, 1, 1).expand_as(x)
+
+    class ElementwiseNetwork(torch.nn.Module):  # each slice's estimate depends on that slice only
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches: list[int] = []
+
+        def forward(self, x, timesteps):
+            self.batches.append(x.shape[0])
+            return 0.3 * x - 0.01 * timesteps.view(-1, 1, 1, 1)
+
+    class ResampleAll(AutoDDPMAnomalyInferer):
+        def _denoise_step(self, network, x_t, t, generator, active=None):
+            return super()._denoise_step(network, x_t, t, generator)
+
+    settings = {"mask_noise_level": 6, "resample_noise_level": 4, "ddim_mask_steps": 2, "ddim_resample_steps": 2}
+    x, brain = brain_slices(3)
+    outputs, networks = [], []
+    for inferer_type in (AutoDDPMAnomalyInferer, ResampleAll):
+        inferer = inferer_type(scheduler, FirstSliceOnly(), resample_repeats=2, mask_threshold=0.0, **settings)
+        networks.append(ElementwiseNetwork())
+        outputs.append(inferer.run_slices(x, brain, networks[-1]))
+    skipping, reference = outputs
+    assert skipping["stitch_mask"][0].any() and not skipping["stitch_mask"][1:].any()
+    mask_passes = len(inferer.mask_chain)
+    assert networks[0].batches == [3] * mask_passes + [1] * (inferer.network_passes_per_slice - mask_passes)
+    assert networks[1].batches == [3] * inferer.network_passes_per_slice
+    assert all(torch.equal(skipping[k], reference[k]) for k in STAGE_KEYS)
+    assert torch.equal(skipping["inpainted"][1:], x[1:]) and not torch.equal(skipping["inpainted"][0], x[0])
+
+
 @pytest.mark.parametrize(
     ("scheduler", "settings", "passes", "first_timesteps", "last_timesteps"),
     [
@@ -342,6 +382,7 @@ def test_resample_keeps_unmasked_region_exactly(scheduler):
     ids=["ddpm", "ddim"],
 )
 def test_network_calls_match_settings(scheduler, settings, passes, first_timesteps, last_timesteps):
+    settings = {**settings, "mask_threshold": -1.0}  # every pixel masked: every slice is re-sampled
     inferer = AutoDDPMAnomalyInferer(scheduler, resample_repeats=4, batch_size=8, **settings)
     assert inferer.network_passes_per_slice == passes
     x, brain = brain_slices(5)

@@ -50,9 +50,20 @@ def test_speed_benchmark_times_both_bundles(tmp_path):
     report = json.loads((tmp_path / "speed.json").read_text())
     assert report["machine"]["cores"] >= 1 and report["command"].startswith("python ")
     rows = {r["bundle"]: r for r in report["rows"]}
-    assert rows["cddpm"]["passes_per_slice"] == 3 and rows["autoddpm"]["passes_per_slice"] == 35
+    assert rows["cddpm"]["passes_per_slice"] == 3 and rows["autoddpm"]["passes_per_slice"] == 15
     assert all(r["train_s_per_iter"] > 0 and r["infer_s_per_slice"] > 0 for r in rows.values())
     assert "| cddpm |" in (tmp_path / "speed.md").read_text()
+
+
+def test_speed_benchmark_on_the_mni152_brain_with_its_brain_boxes(tmp_path):
+    volume, mask = benchmark_speed.mni152_volume(2.0, (64, 64, 3))
+    assert volume.shape == mask.shape == (1, 1, 64, 64, 3) and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert 0.3 < float(mask.mean()) < 0.9 and float(volume[mask > 0].min()) > 0 and float(volume.max()) <= 1
+    args = ["--bundles", "cddpm", "--demo", "--device", "cpu", "--skip-training", "--slices", "2", "--volume"]
+    args += ["mni152", "--brain-crop", "--cddpm-ensembles", "500", "--variants", "fp32", "--out", str(tmp_path)]
+    assert benchmark_speed.main(args) == 0
+    (row,) = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert row["setting"] == "ensemble 500" and row["passes_per_slice"] == 1 and row["infer_s_per_volume"] > 0
 
 
 def test_every_method_names_existing_bundle_configs():

@@ -187,7 +187,8 @@ def test_brain_box_is_the_brain_extent_grown_to_multiples_inside_the_image():
     assert brain_box(torch.zeros_like(edge), 4) == (slice(0, 24), slice(0, 20))
 
 
-def test_inferer_runs_the_network_on_the_brain_box_only():
+def _network_inputs_on_brain_boxes(volume: torch.Tensor) -> tuple[list[tuple[int, ...]], torch.Tensor, torch.Tensor]:
+    """The shapes the network is called with by a brain-box inferer on ``volume``, the map and the reconstruction."""
     seen = []
 
     class Recorder(_Identity):
@@ -195,13 +196,26 @@ def test_inferer_runs_the_network_on_the_brain_box_only():
             seen.append(tuple(x.shape))
             return super().forward(x, timesteps, condition)
 
-    volume = torch.zeros(1, 1, 32, 32, 3)
-    volume[..., 9:19, 6:12, :] = 0.5
     inferer = CDDPMAnomalyInferer(
         DDPMScheduler(1000), SimplexNoise(frequency=8), timesteps=(500,), brain_box_multiple=4
     )
     amap, recon = inferer(volume, Recorder(), mask=volume > 0, return_reconstruction=True)
+    return seen, amap, recon
+
+
+def test_inferer_runs_each_slice_on_its_own_brain_box():
+    volume = torch.zeros(1, 1, 32, 32, 3)
+    volume[..., 9:19, 6:12, :] = 0.5
+    seen, amap, recon = _network_inputs_on_brain_boxes(volume)
     assert seen == [(3, 1, 12, 8)] and torch.count_nonzero(amap) == 0 and torch.equal(recon, volume)
+    volume = torch.zeros(1, 1, 32, 32, 4)
+    volume[..., 9:19, 6:12, 0] = 0.5  # box 12 x 8
+    volume[..., 4:28, 3:28, 1] = 0.7  # 24 x 28
+    volume[..., 20:28, 1:5, 2] = 0.3  # 8 x 4, at the edge
+    volume[..., 11:21, 20:26, 3] = 0.6  # 12 x 8, batched with the first
+    seen, amap, recon = _network_inputs_on_brain_boxes(volume)
+    assert seen == [(1, 1, 8, 4), (2, 1, 12, 8), (1, 1, 24, 28)]  # one call per box size, smaller first
+    assert torch.equal(recon, volume) and torch.count_nonzero(amap) == 0  # every crop put back in its place
 
 
 def test_inferer_marks_inserted_anomaly_with_healing_network():

@@ -44,7 +44,7 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
        step the unmasked region is replaced by x0 noised to the new level (q(x_t | x_0)) and the masked region comes
        from the model; each step is repeated ``resample_repeats`` times, renoising the result by one step
        (q(x_t | x_t-1)) in between and after the last repeat only when it is not the final one. The inpainted image
-       is x outside M exactly.
+       is x outside M exactly, so a slice whose M is empty is x: the network does not run on it in this stage.
 
     The anomaly map is ``|x - x_inpainted| * m``, times the brain mask eroded per slice, 3D median filtered, times the
     eroded mask again (``SliceAnomalyInferer``). With ``return_intermediates=True`` the inferer returns
@@ -149,7 +149,8 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
 
     @property
     def network_passes_per_slice(self) -> int:
-        """Network evaluations per slice: mask steps + re-sample steps x repeats."""
+        """Network evaluations per slice: mask steps + re-sample steps x repeats (mask steps only for a slice whose
+        binary mask is empty)."""
         return len(self.mask_chain) + len(self.resample_chain) * self.resample_repeats
 
     def _chain(self, level: int, steps: int | None) -> list[tuple[int, int]]:
@@ -188,13 +189,23 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
         return math.sqrt(ratio) * x_prev + math.sqrt(1.0 - ratio) * noise
 
     def _denoise_step(
-        self, network: nn.Module, x_t: torch.Tensor, t: int, generator: torch.Generator | None
+        self,
+        network: nn.Module,
+        x_t: torch.Tensor,
+        t: int,
+        generator: torch.Generator | None,
+        active: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One network pass and reverse step x_t -> x_t_prev (posterior sample for DDPM, DDIM update otherwise), one
-        stride of the chain set by :meth:`_set_stride`."""
-        steps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        with self.autocast(x_t.device):
-            eps = network(x_t, timesteps=steps).float()  # the noise estimate eps_theta(x_t, t)
+        stride of the chain set by :meth:`_set_stride`. With ``active`` (N,) boolean, the network runs on those slices
+        only and the others step with a zero noise estimate (their result is not used); the step's noise is drawn for
+        all N slices either way, so the generator advances as without ``active``."""
+        rows = slice(None) if active is None else active
+        eps = torch.zeros_like(x_t)  # the noise estimate eps_theta(x_t, t)
+        if active is None or active.any():
+            steps = torch.full((x_t[rows].shape[0],), t, device=x_t.device, dtype=torch.long)
+            with self.autocast(x_t.device):
+                eps[rows] = network(x_t[rows], timesteps=steps).float()
         if isinstance(self.scheduler, DDPMScheduler):
             return self.scheduler.step(eps, t, x_t, generator=generator)[0]
         return self.scheduler.step(eps, t, x_t, eta=self.ddim_eta, generator=generator)[0]
@@ -253,10 +264,12 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
         x0 = to_model_range(x)
         x_t = self._noise_to(to_model_range(stitched), self.resample_chain[0][0], generator)
         x_prev = x_t
+        masked = mask.flatten(1).amax(1) > 0  # a slice without a masked pixel comes out as x: no network passes
+        active = None if masked.all() else masked
         self._set_stride(self.resample_chain)
         for t, t_prev in self.resample_chain:
             for repeat in range(self.resample_repeats):
-                from_model = self._denoise_step(network, x_t, t, generator)  # masked region: the model
+                from_model = self._denoise_step(network, x_t, t, generator, active)  # masked region: the model
                 known = self._noise_to(x0, t_prev, generator)  # unmasked region: x0 at level t_prev, q(x_t_prev | x_0)
                 x_prev = mask * from_model + (1.0 - mask) * known
                 if repeat < self.resample_repeats - 1:

@@ -150,9 +150,9 @@ def brain_slices(images: torch.Tensor, mask: torch.Tensor | None = None) -> torc
 class SliceAnomalyInferer(Inferer):
     """Anomaly maps of a method that reconstructs brain slices: the pipeline every inferer of the bundles shares.
 
-    volumes (B, 1, H, W, D) -> their axial slices containing brain -> (with ``brain_box_multiple``) the brain's
-    bounding box -> :meth:`reconstruct_slices`, ``batch_size`` slices at a time, with one seeded generator for the
-    whole call -> the outputs scattered back into volumes -> ``residual_anomaly_map`` of the input and the
+    volumes (B, 1, H, W, D) -> their axial slices containing brain -> (with ``brain_box_multiple``) each slice's
+    brain bounding box -> :meth:`reconstruct_slices`, ``batch_size`` slices at a time, with one seeded generator for
+    the whole call -> the outputs scattered back into volumes -> ``residual_anomaly_map`` of the input and the
     ``reconstruction_key`` output, weighted by the ``weight_key`` output if there is one.
 
     A method implements :meth:`reconstruct_slices` and ``network_passes_per_slice`` and names its outputs:
@@ -169,8 +169,8 @@ class SliceAnomalyInferer(Inferer):
         median_kernel: size of the 3D median filter (1 disables it).
         seed: seed of all noise, so repeated calls give the same map; None draws fresh noise.
         amp: run the network under autocast (fp16 on CUDA, bf16 on CPU), see :meth:`autocast`.
-        brain_box_multiple: run on the brain's bounding box only (sides rounded up to this multiple), as networks
-            trained on brain-box crops (``configs/brain_crop.json``) expect; None runs whole slices.
+        brain_box_multiple: run each slice on its brain's bounding box only (sides rounded up to this multiple), as
+            networks trained on brain-box crops (``configs/brain_crop.json``) expect; None runs whole slices.
     """
 
     output_keys: tuple[str, ...] = ("reconstruction",)
@@ -212,13 +212,19 @@ class SliceAnomalyInferer(Inferer):
         dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         return torch.autocast(device.type, dtype=dtype, enabled=self.amp)
 
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The generator of all noise of one call: seeded with ``seed``, or None (fresh noise)."""
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+
     @torch.inference_mode()
-    def run_slices(self, slices: torch.Tensor, brain: torch.Tensor, network: nn.Module) -> dict[str, torch.Tensor]:
-        """:meth:`reconstruct_slices` on a slice stack (N, 1, H, W), ``batch_size`` at a time, with the seeded
-        generator; returns ``output_keys``, each (N, 1, H, W)."""
+    def run_slices(
+        self, slices: torch.Tensor, brain: torch.Tensor, network: nn.Module, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`reconstruct_slices` on a slice stack (N, 1, H, W), ``batch_size`` at a time, drawing the noise from
+        ``generator`` (default: :meth:`generator`); returns ``output_keys``, each (N, 1, H, W)."""
         if slices.shape[0] == 0:  # no brain: nothing to run
             return {k: torch.zeros_like(slices) for k in self.output_keys}
-        generator = None if self.seed is None else torch.Generator(device=slices.device).manual_seed(self.seed)
+        generator = generator or self.generator(slices.device)
         n = self.batch_size
         batches = [
             self.reconstruct_slices(slices[i : i + n], brain[i : i + n], network, generator)
@@ -226,22 +232,33 @@ class SliceAnomalyInferer(Inferer):
         ]
         return {k: torch.cat([b[k] for b in batches]) for k in self.output_keys}
 
+    def slice_boxes(self, brain: torch.Tensor) -> list[tuple[slice, slice]]:
+        """The region each slice of a stack (N, 1, H, W) is run on: with ``brain_box_multiple`` its own brain box (as
+        ``configs/brain_crop.json`` crops each training slice), else the whole slice."""
+        if not self.brain_box_multiple:
+            return [(slice(0, brain.shape[2]), slice(0, brain.shape[3]))] * brain.shape[0]
+        return [brain_box(b[None], self.brain_box_multiple) for b in brain]
+
     def run_volumes(self, volumes: torch.Tensor, brain: torch.Tensor, network: nn.Module) -> dict[str, torch.Tensor]:
-        """:meth:`run_slices` on the brain slices (and box) of volumes (B, 1, H, W, D) with boolean brain masks;
-        returns ``output_keys`` as volumes (B, 1, H, W, D)."""
+        """:meth:`run_slices` on the brain slices of volumes (B, 1, H, W, D) with boolean brain masks, each slice on
+        its region (:meth:`slice_boxes`): slices whose regions have one size are run together, smaller sizes first,
+        with one generator for the call. Returns ``output_keys`` as volumes (B, 1, H, W, D)."""
         slices, index = stack_slices(volumes, brain)
         slice_brain = brain.permute(0, 4, 1, 2, 3)[index]
-        rows, cols = slice(None), slice(None)
-        if self.brain_box_multiple:
-            rows, cols = brain_box(slice_brain, self.brain_box_multiple)
-        outputs = self.run_slices(slices[..., rows, cols].contiguous(), slice_brain[..., rows, cols], network)
+        boxes = self.slice_boxes(slice_brain)
+        sizes = [(rows.stop - rows.start, cols.stop - cols.start) for rows, cols in boxes]
+        values = {k: (torch.zeros_like if k in self.map_keys else torch.clone)(slices) for k in self.output_keys}
+        generator = self.generator(slices.device)
+        for size in sorted(set(sizes)):
+            members = [i for i, s in enumerate(sizes) if s == size]
+            crops = [torch.stack([x[i][:, boxes[i][0], boxes[i][1]] for i in members]) for x in (slices, slice_brain)]
+            for key, value in self.run_slices(*crops, network, generator).items():
+                for crop, i in zip(value, members, strict=True):
+                    values[key][i][:, boxes[i][0], boxes[i][1]] = crop
         full = {}
-        for key, value in outputs.items():
-            outside = torch.zeros_like if key in self.map_keys else torch.clone
-            slice_values = outside(slices)
-            slice_values[..., rows, cols] = value
-            full[key] = outside(volumes)
-            full[key].permute(0, 4, 1, 2, 3)[index] = slice_values
+        for key, value in values.items():
+            full[key] = (torch.zeros_like if key in self.map_keys else torch.clone)(volumes)
+            full[key].permute(0, 4, 1, 2, 3)[index] = value
         return full
 
     def __call__(
