@@ -35,7 +35,7 @@ def five_cases(demo_cohort, tmp_path_factory) -> Path:
 
 
 def maps(folder: Path) -> dict[str, np.ndarray]:
-    return {p.name: np.asarray(nib.load(p).dataobj) for p in sorted(folder.glob("*_anomaly_*.nii.gz"))}
+    return {p.name: np.asarray(nib.load(p).dataobj) for p in sorted(folder.glob("[!.]*_anomaly_*.nii.gz"))}
 
 
 def test_shards_deal_every_case_once():
@@ -160,7 +160,8 @@ def test_a_killed_rank_is_finished_by_the_rerun(demo_cohort, tmp_path):
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.02)
     assert launcher.wait(timeout=60) != 0 and killed is not None, "no rank was killed mid-run"
-    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*_anomaly_*.nii.gz")}
+    # finished outputs only: a temporary the killed rank left (".<name>.tmp<pid>.nii.gz") is for the rerun to remove
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("[!.]*_anomaly_*.nii.gz")}
     assert 0 < len(done) < 2 * 7  # some cases finished, not all
     rerun = subprocess.run(
         cmd[:4] + [f"--master_port={free_port()}"] + cmd[5:],
