@@ -203,9 +203,10 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
         rows = slice(None) if active is None else active
         eps = torch.zeros_like(x_t)  # the noise estimate eps_theta(x_t, t)
         if active is None or active.any():
-            steps = torch.full((x_t[rows].shape[0],), t, device=x_t.device, dtype=torch.long)
+            inputs = x_t[rows]
+            steps = torch.full((inputs.shape[0],), t, device=x_t.device, dtype=torch.long)
             with self.autocast(x_t.device):
-                eps[rows] = network(x_t[rows], timesteps=steps).float()
+                eps[rows] = network(inputs, timesteps=steps).float()
         if isinstance(self.scheduler, DDPMScheduler):
             return self.scheduler.step(eps, t, x_t, generator=generator)[0]
         return self.scheduler.step(eps, t, x_t, eta=self.ddim_eta, generator=generator)[0]

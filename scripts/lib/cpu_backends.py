@@ -74,11 +74,10 @@ def quantize_convolutions(path: Path, out: Path, calibration: Sequence[tuple[tor
     """ONNX Runtime static int8 quantisation of the convolutions of the ONNX file ``path`` into ``out`` (see
     ``int8-static``), activation ranges calibrated (min-max) on ``calibration``, inputs ``(x, timesteps[, condition])``.
     """
-    from onnxruntime import InferenceSession
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    names = [i.name for i in InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()]
+    names = OnnxRuntimeNetwork(path).input_names  # the inputs the export kept
 
     class Feeds(CalibrationDataReader):
         def __init__(self) -> None:

@@ -232,6 +232,10 @@ class SliceAnomalyInferer(Inferer):
         ]
         return {k: torch.cat([b[k] for b in batches]) for k in self.output_keys}
 
+    def outside(self, key: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """How output ``key`` is filled where the network does not run: zeros for maps, the input for images."""
+        return torch.zeros_like if key in self.map_keys else torch.clone
+
     def slice_boxes(self, brain: torch.Tensor) -> list[tuple[slice, slice]]:
         """The region each slice of a stack (N, 1, H, W) is run on: with ``brain_box_multiple`` its own brain box (as
         ``configs/brain_crop.json`` crops each training slice), else the whole slice."""
@@ -247,7 +251,7 @@ class SliceAnomalyInferer(Inferer):
         slice_brain = brain.permute(0, 4, 1, 2, 3)[index]
         boxes = self.slice_boxes(slice_brain)
         sizes = [(rows.stop - rows.start, cols.stop - cols.start) for rows, cols in boxes]
-        values = {k: (torch.zeros_like if k in self.map_keys else torch.clone)(slices) for k in self.output_keys}
+        values = {key: self.outside(key)(slices) for key in self.output_keys}
         generator = self.generator(slices.device)
         for size in sorted(set(sizes)):
             members = [i for i, s in enumerate(sizes) if s == size]
@@ -257,7 +261,7 @@ class SliceAnomalyInferer(Inferer):
                     values[key][i][:, boxes[i][0], boxes[i][1]] = crop
         full = {}
         for key, value in values.items():
-            full[key] = (torch.zeros_like if key in self.map_keys else torch.clone)(volumes)
+            full[key] = self.outside(key)(volumes)
             full[key].permute(0, 4, 1, 2, 3)[index] = value
         return full
 
