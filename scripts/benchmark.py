@@ -20,9 +20,11 @@ Methods (``--methods``):
   without conditioning: ``cddpm_efficient`` and ``ddpm_efficient``.
 - ``cddpm_efficient_<setting>``: the ``cddpm_efficient`` weights with other test-time settings (final weights only):
   noise levels ``t200``, ``t250``, ``t250_500``, ``t500_750``, ``t750``; ``erosion1``, the brain mask eroded once
-  instead of 3 times (``mean_image_erosion1``: the baseline so).
+  instead of 3 times (``mean_image_erosion1``: the baseline so); ``ddpm_efficient_t200`` likewise.
 - AutoDDPM's efficient recipe, its test noise levels (t in [0, 200)) and the brain-box crop, with both samplers:
-  ``autoddpm_efficient_ref`` and ``autoddpm_efficient_fast`` (one training).
+  ``autoddpm_efficient_ref`` and ``autoddpm_efficient_fast`` (one training); ``autoddpm_efficient_fast_<setting>``:
+  its final weights with other mask-stage settings, ``m100`` (from noise level 100, not 200) and ``tau030`` (mask
+  threshold 0.3, not 0.13).
 
 Every training and evaluation is the bundle's own ``python -m monai.bundle run`` command (the commands are logged).
 Training runs in ``--curve-points`` stages of ``budget / points`` iterations, resuming from the bundle's checkpoint;
@@ -52,7 +54,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +106,7 @@ AUTODDPM_EFFICIENT = {  # its mask and re-sample chains start below level 200
     "overrides": {"timestep_range": [0, 200]},
     "train_configs": BRAIN_CROP["train_configs"],
 }
-TEST_SETTINGS = {  # name: (label, inference keys)
+TEST_SETTINGS = {  # cDDPM's: name: (label, inference keys)
     "t200": ("tested at t = 200", {"ensemble_timesteps": [200]}),
     "t250": ("tested at t = 250", {"ensemble_timesteps": [250]}),
     "t250_500": ("tested at t = 250, 500", {"ensemble_timesteps": [250, 500]}),
@@ -160,24 +162,34 @@ METHODS = {
     "cddpm_efficient": Method(
         "cDDPM, t in [200, 800) + brain-box crop", training="cddpm_efficient", overrides=TEST_NOISE_LEVELS, **BRAIN_CROP
     ),
-    # its test-time settings, evaluated on the final weights only: noise levels, brain-mask erosion
-    **{
-        f"cddpm_efficient_{name}": Method(
-            f"cDDPM, t in [200, 800) + brain-box crop, {label}",
-            training="cddpm_efficient",
-            overrides=TEST_NOISE_LEVELS,
-            train_configs=BRAIN_CROP["train_configs"],
-            eval_overrides={**BRAIN_CROP["eval_overrides"], **keys},
-            curve=False,
-        )
-        for name, (label, keys) in TEST_SETTINGS.items()
-    },
     "mean_image_erosion1": Method(
         f"mean healthy image, {TEST_SETTINGS['erosion1'][0]}",
         eval_overrides=TEST_SETTINGS["erosion1"][1],
         template=True,
     ),
 }
+AUTODDPM_TEST_SETTINGS = {  # AutoDDPM's: name: (label, inference keys)
+    "m100": ("mask stage from level 100", {"mask_noise_level": 100}),
+    "tau030": ("mask threshold 0.3", {"mask_threshold": 0.3}),
+}
+
+
+def with_test_settings(key: str, settings: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Method]:
+    """``<key>_<name>``: the weights of method ``key`` evaluated with other inference keys (final weights only)."""
+    method = METHODS[key]
+    return {
+        f"{key}_{name}": replace(
+            method, label=f"{method.label}, {label}", eval_overrides={**method.eval_overrides, **keys}, curve=False
+        )
+        for name, (label, keys) in settings.items()
+    }
+
+
+# test-time settings on the final weights: cDDPM's noise levels and brain-mask erosion (DDPM at cDDPM's best level),
+# AutoDDPM's mask stage
+METHODS.update(with_test_settings("cddpm_efficient", TEST_SETTINGS))
+METHODS.update(with_test_settings("ddpm_efficient", {"t200": TEST_SETTINGS["t200"]}))
+METHODS.update(with_test_settings("autoddpm_efficient_fast", AUTODDPM_TEST_SETTINGS))
 DEFAULT_METHODS = [
     "intensity",
     "mean_image",

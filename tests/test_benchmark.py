@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import autoddpm_stages
 import benchmark
 import benchmark_speed
 import numpy as np
 import pytest
 import torch
 from lib.baselines import TemplateResidualInferer, mean_healthy_image
+from monai.bundle import ConfigParser
 from uad.postprocessing import residual_anomaly_map
 
 
@@ -70,6 +72,39 @@ def test_every_method_names_existing_bundle_configs():
     for key, method in benchmark.METHODS.items():
         for name in (*method.configs, *method.train_configs):
             assert (benchmark.BUNDLES[method.bundle] / "configs" / f"{name}.json").is_file(), key
+
+
+def test_test_settings_reuse_the_training_and_change_existing_inference_keys():
+    for key, method in benchmark.METHODS.items():
+        config = ConfigParser()
+        config.read_config(
+            [benchmark.BUNDLES[method.bundle] / "configs" / f"{c}.json" for c in ("inference", "evaluate")]
+        )
+        for name in method.eval_overrides:  # a misspelt key would silently add an unused one
+            assert name in config, (key, name)
+    for base, settings in (
+        ("cddpm_efficient", benchmark.TEST_SETTINGS),
+        ("autoddpm_efficient_fast", benchmark.AUTODDPM_TEST_SETTINGS),
+    ):
+        for name, (_, keys) in settings.items():
+            method, trained = benchmark.METHODS[f"{base}_{name}"], benchmark.METHODS[base]
+            assert method.training == trained.training and method.overrides == trained.overrides and not method.curve
+            assert method.eval_overrides == {**trained.eval_overrides, **keys}
+
+
+def test_autoddpm_stages_score_each_stage_of_the_shipped_demo_model(demo_cohort, tmp_path):
+    quick = {"ddim_mask_steps": 1, "ddim_resample_steps": 1, "resample_repeats": 1}  # 2 passes per slice
+    args = ["--datalist", str(demo_cohort / "datalists" / "Tumour_t2.json"), "--max-cases", "1", "--out", str(tmp_path)]
+    args += ["--ckpt", str(benchmark.BUNDLES["autoddpm"] / "models" / "model.pt"), "--overrides", json.dumps(quick)]
+    assert autoddpm_stages.main([*args, "--settings", "{}", '{"mask_threshold": 10}']) == 0
+    default, no_mask = json.loads((tmp_path / "autoddpm_stages.json").read_text())["rows"]
+    assert 0 < default["mask_cover"] <= 1 and no_mask["mask_cover"] == 0  # no likelihood reaches 10: nothing masked
+    for name in autoddpm_stages.STAGES:
+        assert 0 < default[f"{name} AUPRC"] <= 1 and 0 <= default[f"{name} Dice"] <= 1, name
+    for figure in ("Dice", "AUPRC"):  # the mask stage comes before the threshold; what follows it changes
+        assert no_mask[f"stage 1 residual {figure}"] == default[f"stage 1 residual {figure}"]
+    assert no_mask["final map AUPRC"] != default["final map AUPRC"]
+    assert "stage 1 residual AUPRC" in (tmp_path / "autoddpm_stages.md").read_text()
 
 
 def test_benchmark_trains_in_stages_and_reports(demo_cohort, tmp_path):
