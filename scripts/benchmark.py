@@ -23,8 +23,9 @@ Methods (``--methods``):
   instead of 3 times (``mean_image_erosion1``: the baseline so); ``ddpm_efficient_t200`` likewise.
 - AutoDDPM's efficient recipe, its test noise levels (t in [0, 200)) and the brain-box crop, with both samplers:
   ``autoddpm_efficient_ref`` and ``autoddpm_efficient_fast`` (one training); ``autoddpm_efficient_fast_<setting>``:
-  its final weights with other mask-stage settings, ``m100`` (from noise level 100, not 200) and ``tau030`` (mask
-  threshold 0.3, not 0.13).
+  its final weights with other mask-stage settings, ``m100`` and ``m400`` (from noise level 100 or 400, not 200) and
+  ``tau030`` (mask threshold 0.3, not 0.13); ``autoddpm_t500_m400``: trained on t in [0, 500), its mask stage from
+  level 400.
 
 Every training and evaluation is the bundle's own ``python -m monai.bundle run`` command (the commands are logged).
 Training runs in ``--curve-points`` stages of ``budget / points`` iterations, resuming from the bundle's checkpoint;
@@ -138,6 +139,17 @@ METHODS = {
         **AUTODDPM_EFFICIENT,
         eval_overrides={**BRAIN_CROP["eval_overrides"], "sampler": "ddim"},
     ),
+    # its mask stage from level 400, trained on the levels that chain passes through
+    "autoddpm_t500_m400": Method(
+        "AutoDDPM, t in [0, 500) + brain-box crop, mask stage from level 400 (DDIM)",
+        **{**AUTODDPM_EFFICIENT, "training": "autoddpm_t500", "overrides": {"timestep_range": [0, 500]}},
+        eval_overrides={
+            **BRAIN_CROP["eval_overrides"],
+            "sampler": "ddim",
+            "mask_noise_level": 400,
+            "ddim_mask_steps": 8,
+        },
+    ),
     # learning-efficiency changes, each against `cddpm`
     "cddpm_t200_800": Method("cDDPM, t in [200, 800)", training="cddpm_t200_800", overrides=TEST_NOISE_LEVELS),
     "cddpm_linear": Method(
@@ -171,6 +183,10 @@ METHODS = {
 AUTODDPM_TEST_SETTINGS = {  # AutoDDPM's: name: (label, inference keys)
     "m100": ("mask stage from level 100", {"mask_noise_level": 100}),
     "tau030": ("mask threshold 0.3", {"mask_threshold": 0.3}),
+    "m400": (
+        "mask stage from level 400 (8 DDIM steps; beyond the trained levels)",
+        {"mask_noise_level": 400, "ddim_mask_steps": 8},
+    ),
 }
 
 

@@ -93,7 +93,7 @@ def test_test_settings_reuse_the_training_and_change_existing_inference_keys():
 
 
 def test_autoddpm_stages_score_each_stage_of_the_shipped_demo_model(demo_cohort, tmp_path):
-    quick = {"ddim_mask_steps": 1, "ddim_resample_steps": 1, "resample_repeats": 1}  # 2 passes per slice
+    quick = {"ddim_mask_steps": 1, "ddim_resample_steps": 1, "resample_repeats": 1, "cpu_backend": "torch"}  # 2 passes
     args = ["--datalist", str(demo_cohort / "datalists" / "Tumour_t2.json"), "--max-cases", "1", "--out", str(tmp_path)]
     args += ["--ckpt", str(benchmark.BUNDLES["autoddpm"] / "models" / "model.pt"), "--overrides", json.dumps(quick)]
     assert autoddpm_stages.main([*args, "--settings", "{}", '{"mask_threshold": 10}']) == 0
