@@ -59,11 +59,12 @@ def score_setting(root: Path, overrides: dict, setting: dict, entries: list[dict
         image, brain = data["image"][None], data["mask"][None]
         with torch.no_grad():
             outputs = inferer(image, network, mask=brain, return_intermediates=True)
-        for name, value in stage_maps(inferer, outputs, image, brain > 0).items():
+        inside = brain > 0
+        for name, value in stage_maps(inferer, outputs, image, inside).items():
             maps[name].append(value)
         segs.append(data["seg"][0].numpy() > 0)
-        masks.append(data["mask"][0].numpy() > 0)
-        covered.append(float(outputs["stitch_mask"][brain > 0].sum()))
+        masks.append(inside[0, 0].numpy())
+        covered.append(float(outputs["stitch_mask"][inside].sum()))
     row = {"setting": json.dumps(setting) if setting else "bundle default", "seconds": time.perf_counter() - start}
     for name in STAGES:
         figures = best_dice_calibration(maps[name], segs, masks)

@@ -115,6 +115,14 @@ TEST_SETTINGS = {  # cDDPM's: name: (label, inference keys)
     "t750": ("tested at t = 750", {"ensemble_timesteps": [750]}),
     "erosion1": ("brain mask eroded once (not 3 times)", {"inferer#erosion_iterations": 1}),
 }
+AUTODDPM_TEST_SETTINGS = {  # AutoDDPM's: name: (label, inference keys)
+    "m100": ("mask stage from level 100", {"mask_noise_level": 100}),
+    "tau030": ("mask threshold 0.3", {"mask_threshold": 0.3}),
+    "m400": (
+        "mask stage from level 400 (8 DDIM steps; beyond the trained levels)",
+        {"mask_noise_level": 400, "ddim_mask_steps": 8},
+    ),
+}
 METHODS = {
     "intensity": Method("intensity only"),
     "mean_image": Method("mean healthy image", template=True),
@@ -143,12 +151,7 @@ METHODS = {
     "autoddpm_t500_m400": Method(
         "AutoDDPM, t in [0, 500) + brain-box crop, mask stage from level 400 (DDIM)",
         **{**AUTODDPM_EFFICIENT, "training": "autoddpm_t500", "overrides": {"timestep_range": [0, 500]}},
-        eval_overrides={
-            **BRAIN_CROP["eval_overrides"],
-            "sampler": "ddim",
-            "mask_noise_level": 400,
-            "ddim_mask_steps": 8,
-        },
+        eval_overrides={**BRAIN_CROP["eval_overrides"], "sampler": "ddim", **AUTODDPM_TEST_SETTINGS["m400"][1]},
     ),
     # learning-efficiency changes, each against `cddpm`
     "cddpm_t200_800": Method("cDDPM, t in [200, 800)", training="cddpm_t200_800", overrides=TEST_NOISE_LEVELS),
@@ -178,14 +181,6 @@ METHODS = {
         f"mean healthy image, {TEST_SETTINGS['erosion1'][0]}",
         eval_overrides=TEST_SETTINGS["erosion1"][1],
         template=True,
-    ),
-}
-AUTODDPM_TEST_SETTINGS = {  # AutoDDPM's: name: (label, inference keys)
-    "m100": ("mask stage from level 100", {"mask_noise_level": 100}),
-    "tau030": ("mask threshold 0.3", {"mask_threshold": 0.3}),
-    "m400": (
-        "mask stage from level 400 (8 DDIM steps; beyond the trained levels)",
-        {"mask_noise_level": 400, "ddim_mask_steps": 8},
     ),
 }
 
