@@ -25,7 +25,8 @@ Methods (``--methods``):
   ``autoddpm_efficient_ref`` and ``autoddpm_efficient_fast`` (one training); ``autoddpm_efficient_fast_<setting>``:
   its final weights with other mask-stage settings, ``m100`` and ``m400`` (from noise level 100 or 400, not 200) and
   ``tau030`` (mask threshold 0.3, not 0.13); ``autoddpm_t500_m400``: trained on t in [0, 500), its mask stage from
-  level 400.
+  level 400; ``autoddpm_t800_m600``: trained on t in [0, 800), its mask stage from level 600 in 6 DDIM steps
+  (``autoddpm_t800_m600_s12``: in 12).
 
 Every training and evaluation is the bundle's own ``python -m monai.bundle run`` command (the commands are logged).
 Training runs in ``--curve-points`` stages of ``budget / points`` iterations, resuming from the bundle's checkpoint;
@@ -153,6 +154,18 @@ METHODS = {
         **{**AUTODDPM_EFFICIENT, "training": "autoddpm_t500", "overrides": {"timestep_range": [0, 500]}},
         eval_overrides={**BRAIN_CROP["eval_overrides"], "sampler": "ddim", **AUTODDPM_TEST_SETTINGS["m400"][1]},
     ),
+    # Gaussian noise leaves a stroke's low frequencies in place below level 500: the mask stage from level 600,
+    # trained on the levels that chain passes through
+    "autoddpm_t800_m600": Method(
+        "AutoDDPM, t in [0, 800) + brain-box crop, mask stage from level 600 (6 DDIM steps)",
+        **{**AUTODDPM_EFFICIENT, "training": "autoddpm_t800", "overrides": {"timestep_range": [0, 800]}},
+        eval_overrides={
+            **BRAIN_CROP["eval_overrides"],
+            "sampler": "ddim",
+            "mask_noise_level": 600,
+            "ddim_mask_steps": 6,
+        },
+    ),
     # learning-efficiency changes, each against `cddpm`
     "cddpm_t200_800": Method("cDDPM, t in [200, 800)", training="cddpm_t200_800", overrides=TEST_NOISE_LEVELS),
     "cddpm_linear": Method(
@@ -197,10 +210,11 @@ def with_test_settings(key: str, settings: dict[str, tuple[str, dict[str, Any]]]
 
 
 # test-time settings on the final weights: cDDPM's noise levels and brain-mask erosion (DDPM at cDDPM's best level),
-# AutoDDPM's mask stage
+# AutoDDPM's mask stage (its level, threshold and DDIM steps)
 METHODS.update(with_test_settings("cddpm_efficient", TEST_SETTINGS))
 METHODS.update(with_test_settings("ddpm_efficient", {"t200": TEST_SETTINGS["t200"]}))
 METHODS.update(with_test_settings("autoddpm_efficient_fast", AUTODDPM_TEST_SETTINGS))
+METHODS.update(with_test_settings("autoddpm_t800_m600", {"s12": ("12 DDIM steps", {"ddim_mask_steps": 12})}))
 DEFAULT_METHODS = [
     "intensity",
     "mean_image",
@@ -472,8 +486,10 @@ def plot_curves(rows: list[dict[str, Any]], data: str, path: Path) -> None:
                     ax.plot(xs, ys, marker="o", label=METHODS[key].label)
                 ax.set_title(f"{data} / {target}: {metric}")
                 ax.set_xlabel("training iterations")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()  # one legend under the panels, clear of the curves
+    fig.set_figheight(7 + 0.2 * len(labels))
+    fig.legend(handles, labels, loc="lower center", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.2 * len(labels) / fig.get_figheight(), 1, 1))
     atomic_write_figure(fig, path, dpi=100)
 
 
