@@ -124,6 +124,21 @@ AUTODDPM_TEST_SETTINGS = {  # AutoDDPM's: name: (label, inference keys)
         {"mask_noise_level": 400, "ddim_mask_steps": 8},
     ),
 }
+AUTODDPM_T800_SETTINGS = {"s12": ("12 DDIM steps", {"ddim_mask_steps": 12})}  # on the [0, 800) weights
+AUTODDPM_DDIM_EVAL = {**BRAIN_CROP["eval_overrides"], "sampler": "ddim"}  # the brain box, the DDIM chains
+
+
+def autoddpm_trained_on(top: int, mask_stage: dict[str, int]) -> Method:
+    """AutoDDPM's efficient recipe trained on t in [0, ``top``) (training ``autoddpm_t<top>``), evaluated with DDIM and
+    ``mask_stage`` (``mask_noise_level`` and ``ddim_mask_steps``): a mask chain through the levels it was trained on."""
+    return Method(
+        f"AutoDDPM, t in [0, {top}) + brain-box crop, mask stage from level {mask_stage['mask_noise_level']} "
+        f"({mask_stage['ddim_mask_steps']} DDIM steps)",
+        **{**AUTODDPM_EFFICIENT, "training": f"autoddpm_t{top}", "overrides": {"timestep_range": [0, top]}},
+        eval_overrides={**AUTODDPM_DDIM_EVAL, **mask_stage},
+    )
+
+
 METHODS = {
     "intensity": Method("intensity only"),
     "mean_image": Method("mean healthy image", template=True),
@@ -144,28 +159,12 @@ METHODS = {
         curve=False,
     ),
     "autoddpm_efficient_fast": Method(
-        "AutoDDPM, t in [0, 200) + brain-box crop (DDIM, fast)",
-        **AUTODDPM_EFFICIENT,
-        eval_overrides={**BRAIN_CROP["eval_overrides"], "sampler": "ddim"},
+        "AutoDDPM, t in [0, 200) + brain-box crop (DDIM, fast)", **AUTODDPM_EFFICIENT, eval_overrides=AUTODDPM_DDIM_EVAL
     ),
-    # its mask stage from level 400, trained on the levels that chain passes through
-    "autoddpm_t500_m400": Method(
-        "AutoDDPM, t in [0, 500) + brain-box crop, mask stage from level 400 (DDIM)",
-        **{**AUTODDPM_EFFICIENT, "training": "autoddpm_t500", "overrides": {"timestep_range": [0, 500]}},
-        eval_overrides={**BRAIN_CROP["eval_overrides"], "sampler": "ddim", **AUTODDPM_TEST_SETTINGS["m400"][1]},
-    ),
-    # Gaussian noise leaves a stroke's low frequencies in place below level 500: the mask stage from level 600,
+    # the mask stage from higher levels (Gaussian noise leaves a stroke's low frequencies in place below level 500),
     # trained on the levels that chain passes through
-    "autoddpm_t800_m600": Method(
-        "AutoDDPM, t in [0, 800) + brain-box crop, mask stage from level 600 (6 DDIM steps)",
-        **{**AUTODDPM_EFFICIENT, "training": "autoddpm_t800", "overrides": {"timestep_range": [0, 800]}},
-        eval_overrides={
-            **BRAIN_CROP["eval_overrides"],
-            "sampler": "ddim",
-            "mask_noise_level": 600,
-            "ddim_mask_steps": 6,
-        },
-    ),
+    "autoddpm_t500_m400": autoddpm_trained_on(500, AUTODDPM_TEST_SETTINGS["m400"][1]),
+    "autoddpm_t800_m600": autoddpm_trained_on(800, {"mask_noise_level": 600, "ddim_mask_steps": 6}),
     # learning-efficiency changes, each against `cddpm`
     "cddpm_t200_800": Method("cDDPM, t in [200, 800)", training="cddpm_t200_800", overrides=TEST_NOISE_LEVELS),
     "cddpm_linear": Method(
@@ -214,7 +213,7 @@ def with_test_settings(key: str, settings: dict[str, tuple[str, dict[str, Any]]]
 METHODS.update(with_test_settings("cddpm_efficient", TEST_SETTINGS))
 METHODS.update(with_test_settings("ddpm_efficient", {"t200": TEST_SETTINGS["t200"]}))
 METHODS.update(with_test_settings("autoddpm_efficient_fast", AUTODDPM_TEST_SETTINGS))
-METHODS.update(with_test_settings("autoddpm_t800_m600", {"s12": ("12 DDIM steps", {"ddim_mask_steps": 12})}))
+METHODS.update(with_test_settings("autoddpm_t800_m600", AUTODDPM_T800_SETTINGS))
 DEFAULT_METHODS = [
     "intensity",
     "mean_image",
@@ -487,9 +486,10 @@ def plot_curves(rows: list[dict[str, Any]], data: str, path: Path) -> None:
                 ax.set_title(f"{data} / {target}: {metric}")
                 ax.set_xlabel("training iterations")
     handles, labels = axes[0, 0].get_legend_handles_labels()  # one legend under the panels, clear of the curves
-    fig.set_figheight(7 + 0.2 * len(labels))
+    legend_height = 0.2 * len(labels)  # inches
+    fig.set_figheight(fig.get_figheight() + legend_height)
     fig.legend(handles, labels, loc="lower center", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.2 * len(labels) / fig.get_figheight(), 1, 1))
+    fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
     atomic_write_figure(fig, path, dpi=100)
 
 

@@ -85,6 +85,7 @@ def test_test_settings_reuse_the_training_and_change_existing_inference_keys():
     for base, settings in (
         ("cddpm_efficient", benchmark.TEST_SETTINGS),
         ("autoddpm_efficient_fast", benchmark.AUTODDPM_TEST_SETTINGS),
+        ("autoddpm_t800_m600", benchmark.AUTODDPM_T800_SETTINGS),
     ):
         for name, (_, keys) in settings.items():
             method, trained = benchmark.METHODS[f"{base}_{name}"], benchmark.METHODS[base]
