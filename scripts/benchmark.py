@@ -26,7 +26,8 @@ Methods (``--methods``):
   its final weights with other mask-stage settings, ``m100`` and ``m400`` (from noise level 100 or 400, not 200) and
   ``tau030`` (mask threshold 0.3, not 0.13); ``autoddpm_t500_m400``: trained on t in [0, 500), its mask stage from
   level 400; ``autoddpm_t800_m600``: trained on t in [0, 800), its mask stage from level 600 in 6 DDIM steps
-  (``autoddpm_t800_m600_s12``: in 12).
+  (``autoddpm_t800_m600_s12``: in 12; ``autoddpm_t800_m600_s12k3``: in 12, three chains averaged;
+  ``autoddpm_t800_m600_s12k3r100``: and re-sampled from level 100).
 
 Every training and evaluation is the bundle's own ``python -m monai.bundle run`` command (the commands are logged).
 Training runs in ``--curve-points`` stages of ``budget / points`` iterations, resuming from the bundle's checkpoint;
@@ -124,7 +125,14 @@ AUTODDPM_TEST_SETTINGS = {  # AutoDDPM's: name: (label, inference keys)
         {"mask_noise_level": 400, "ddim_mask_steps": 8},
     ),
 }
-AUTODDPM_T800_SETTINGS = {"s12": ("12 DDIM steps", {"ddim_mask_steps": 12})}  # on the [0, 800) weights
+AUTODDPM_T800_SETTINGS = {  # on the [0, 800) weights
+    "s12": ("12 DDIM steps", {"ddim_mask_steps": 12}),
+    "s12k3": ("12 DDIM steps, 3 chains averaged", {"ddim_mask_steps": 12, "mask_samples": 3}),
+    "s12k3r100": (
+        "12 DDIM steps, 3 chains averaged, re-sample from level 100",
+        {"ddim_mask_steps": 12, "mask_samples": 3, "resample_noise_level": 100},
+    ),
+}
 AUTODDPM_DDIM_EVAL = {**BRAIN_CROP["eval_overrides"], "sampler": "ddim"}  # the brain box, the DDIM chains
 
 

@@ -92,6 +92,18 @@ class OracleNetwork(torch.nn.Module):
         return (x - abar.sqrt() * self.x0) / (1 - abar).sqrt()
 
 
+class ElementwiseNetwork(torch.nn.Module):
+    """A fake denoiser whose estimate for each slice depends on that slice only; records every call's batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def forward(self, x, timesteps):
+        self.batches.append(x.shape[0])
+        return 0.3 * x - 0.01 * timesteps.view(-1, 1, 1, 1)
+
+
 def brain_slices(n: int = 3, size: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.zeros(n, 1, size, size)
     x[..., 4:-4, 4:-4] = torch.rand(n, 1, size - 8, size - 8) * 0.8 + 0.1
@@ -332,15 +344,6 @@ def test_resample_skips_slices_without_mask_with_the_same_stages(scheduler):
         def forward(self, x, y):
             return (torch.arange(x.shape[0]) == 0).float().view(-1, 1, 1, 1).expand_as(x)
 
-    class ElementwiseNetwork(torch.nn.Module):  # each slice's estimate depends on that slice only
-        def __init__(self) -> None:
-            super().__init__()
-            self.batches: list[int] = []
-
-        def forward(self, x, timesteps):
-            self.batches.append(x.shape[0])
-            return 0.3 * x - 0.01 * timesteps.view(-1, 1, 1, 1)
-
     class ResampleAll(AutoDDPMAnomalyInferer):
         def _denoise_step(self, network, x_t, t, generator, active=None):
             return super()._denoise_step(network, x_t, t, generator)
@@ -397,6 +400,25 @@ def test_network_calls_match_settings(scheduler, settings, passes, first_timeste
     net = CountingNetwork()
     AutoDDPMAnomalyInferer(scheduler, resample_repeats=4, batch_size=2, **settings).run_slices(x, brain, net)
     assert len(net.timesteps) == 3 * passes  # three batches of at most 2 slices
+
+
+def test_mask_samples_average_independent_chains_of_each_slice():
+    """``mask_samples = k`` runs the k chains of every slice in one batch (k x N slices per pass) and averages each
+    slice's own k reconstructions; the passes per slice count them."""
+
+    x, brain = brain_slices(2)
+    x[1] *= 0.5  # distinct slices: a mix-up of slices and samples changes the mean
+    settings = {"mask_noise_level": 200, "ddim_mask_steps": 4, "ddim_resample_steps": 1, "resample_repeats": 2}
+    single, ensemble = (AutoDDPMAnomalyInferer(DDIMScheduler(1000), mask_samples=k, **settings) for k in (1, 3))
+    assert ensemble.network_passes_per_slice == 3 * 4 + 1 * 2 == single.network_passes_per_slice + 2 * 4
+    net = ElementwiseNetwork()
+    x_hat = ensemble.reconstruct(x, net, torch.Generator().manual_seed(0))
+    assert x_hat.shape == x.shape and net.batches == [6] * 4
+    chains = single.reconstruct(x.repeat(3, 1, 1, 1), net, torch.Generator().manual_seed(0))  # the same 6 chains
+    torch.testing.assert_close(x_hat, chains.view(3, *x.shape).mean(0))
+    assert not torch.allclose(chains[0], chains[2]) and not torch.allclose(x_hat, chains[:2])  # fresh noise each
+    with pytest.raises(ValueError, match="mask_samples"):
+        AutoDDPMAnomalyInferer(DDIMScheduler(1000), mask_samples=0)
 
 
 def test_ddpm_ignores_ddim_steps_and_ddim_checks_strides():

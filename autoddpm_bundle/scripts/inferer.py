@@ -66,6 +66,8 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
         resample_noise_level: noise level of the re-sample stage (paper: 50).
         ddim_mask_steps: DDIM reverse steps of the mask stage; None = one per level; ignored by DDPM.
         ddim_resample_steps: DDIM reverse steps of the re-sample stage; None = one per level; ignored by DDPM.
+        mask_samples: reverse chains of the mask stage, each from fresh noise, whose reconstructions are averaged
+            into x_hat (paper: 1).
         resample_repeats: times every re-sample step is run (paper: r = 5).
         mask_threshold: tau on the likelihood map (paper: 0.13, for LPIPS).
         mask_quantile: if set, tau is this quantile of each slice's likelihood over its brain pixels instead.
@@ -89,6 +91,7 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
         resample_noise_level: int = 50,
         ddim_mask_steps: int | None = None,
         ddim_resample_steps: int | None = None,
+        mask_samples: int = 1,
         resample_repeats: int = 5,
         mask_threshold: float = 0.13,
         mask_quantile: float | None = None,
@@ -109,14 +112,18 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
             raise ValueError(
                 f"AutoDDPM predicts the noise (prediction_type 'epsilon'), got {scheduler.prediction_type}"
             )
-        if resample_repeats < 1 or dilation < 1 or dilation % 2 != 1:
-            raise ValueError(f"need resample_repeats >= 1 and an odd dilation >= 1, got {resample_repeats}, {dilation}")
+        if mask_samples < 1 or resample_repeats < 1 or dilation < 1 or dilation % 2 != 1:
+            raise ValueError(
+                "need mask_samples >= 1, resample_repeats >= 1 and an odd dilation >= 1, "
+                f"got {mask_samples}, {resample_repeats}, {dilation}"
+            )
         if not 0 < residual_quantile <= 1 or (mask_quantile is not None and not 0 < mask_quantile < 1):
             raise ValueError(f"quantiles must lie in (0, 1], got {residual_quantile}, {mask_quantile}")
         self.scheduler = scheduler
         self.perceptual = SSIMDistance() if perceptual is None else perceptual
         self.mask_chain = self._chain(mask_noise_level, ddim_mask_steps)
         self.resample_chain = self._chain(resample_noise_level, ddim_resample_steps)
+        self.mask_samples = mask_samples
         self.resample_repeats = resample_repeats
         self.mask_threshold = mask_threshold
         self.mask_quantile = mask_quantile
@@ -151,7 +158,7 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
     def network_passes_per_slice(self) -> int:
         """Network evaluations per slice: mask steps + re-sample steps x repeats (mask steps only for a slice whose
         binary mask is empty)."""
-        return len(self.mask_chain) + len(self.resample_chain) * self.resample_repeats
+        return len(self.mask_chain) * self.mask_samples + len(self.resample_chain) * self.resample_repeats
 
     def _chain(self, level: int, steps: int | None) -> list[tuple[int, int]]:
         """The (t, t_prev) timestep pairs of a reverse chain from ``level`` to clean (t_prev = -1 means x0)."""
@@ -215,12 +222,14 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
     # the three stages, on slice stacks (N, 1, H, W) in [0, 1]
 
     def reconstruct(self, x: torch.Tensor, network: nn.Module, generator: torch.Generator | None) -> torch.Tensor:
-        """Stage 1 reconstruction: noise x to the mask level and run the reverse chain to 0; x_hat in [0, 1]."""
-        x_t = self._noise_to(to_model_range(x), self.mask_chain[0][0], generator)
+        """Stage 1 reconstruction: noise x to the mask level and run the reverse chain to 0, ``mask_samples`` times
+        (one batch); x_hat in [0, 1] is the mean of the clamped results."""
+        x0 = to_model_range(x).repeat(self.mask_samples, 1, 1, 1)  # (samples * N, 1, H, W)
+        x_t = self._noise_to(x0, self.mask_chain[0][0], generator)
         self._set_stride(self.mask_chain)
         for t, _ in self.mask_chain:
             x_t = self._denoise_step(network, x_t, t, generator)
-        return from_model_range(x_t)
+        return from_model_range(x_t).view(self.mask_samples, *x.shape).mean(0)
 
     def likelihood(self, x: torch.Tensor, x_hat: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
         """``m = P(x, x_hat) * clip(|x - x_hat| / q(|x - x_hat|), 0, 1)`` inside the brain, q per slice."""
