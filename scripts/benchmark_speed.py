@@ -153,7 +153,7 @@ def inference_speed(
     volumes of a few slices."""
     backend, amp = VARIANTS[variant]
     batch = 1 if variant == "per-slice" else args.slices
-    overrides = {"amp": amp, "batch_size": batch, "brain_crop": args.brain_crop, **overrides}
+    overrides = {"amp": amp, "batch_size": batch, **({"brain_crop": True} if args.brain_crop else {}), **overrides}
     parser = load_config(root, ["inference", *configs], overrides)
     inferer = parser.get_parsed_content("inferer")
     h, w = parser.get_parsed_content("image_size")[:2]
@@ -198,9 +198,11 @@ def inference_speed(
     return row, recons[-1].float()
 
 
-def settings(bundle: str, samplers: list[str], ensembles: list[str]) -> list[tuple[str, dict[str, Any]]]:
+def settings(bundle: str, samplers: list[str], ensembles: list[str] | None) -> list[tuple[str, dict[str, Any]]]:
     """The inference settings measured per bundle: (label, config overrides); ``ensembles``: cDDPM test noise levels,
-    e.g. ``"250/500/750"``."""
+    e.g. ``"250/500/750"`` (None: those of the configs)."""
+    if bundle == "cddpm" and not ensembles:
+        return [("configured noise levels", {})]
     if bundle == "cddpm":
         return [(f"ensemble {e}", {"ensemble_timesteps": [int(t) for t in e.split("/")]}) for e in ensembles]
     return [(f"{s} sampler", {"sampler": s}) for s in samplers]
@@ -223,7 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--brain-crop", action="store_true", help="infer on the brain box (the brain_crop key)")
     parser.add_argument(
-        "--cddpm-ensembles", nargs="+", default=["250/500/750"], help="cDDPM test noise levels, one setting each"
+        "--overlays", nargs="+", default=[], help="bundle configs listed after the size's, e.g. paper_cpu"
+    )
+    parser.add_argument(
+        "--cddpm-ensembles",
+        nargs="+",
+        default=None,
+        help="cDDPM test noise levels, one setting each (default: the configs' levels)",
     )
     parser.add_argument("--autoddpm-samplers", nargs="+", default=["ddpm", "ddim"], choices=("ddpm", "ddim"))
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: by device")
@@ -243,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"variants {missing} need packages that are not installed (see scripts/lib/cpu_backends.py)")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    configs = [] if args.demo else ["paper"]
+    configs = ([] if args.demo else ["paper"]) + args.overlays
+    missing = [BUNDLES[b] / "configs" / f"{o}.json" for b in args.bundles for o in args.overlays]
+    missing = [str(path) for path in missing if not path.is_file()]
+    if missing:
+        parser.error(f"no such overlay: {', '.join(missing)}")
 
     rows = []
     for bundle in args.bundles:
@@ -267,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(json.dumps(rows[-1]), flush=True)
                     train = {}
     size = "demo-sized (the shipped models' sizes)" if args.demo else "paper-sized (configs/paper.json)"
+    size += "".join(f" + configs/{o}.json" for o in args.overlays)
     markdown = "\n".join(
         [
             header(f"Speed of the {size} bundles"),

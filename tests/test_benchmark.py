@@ -66,6 +66,13 @@ def test_speed_benchmark_on_the_mni152_brain_with_its_brain_boxes(tmp_path):
     assert benchmark_speed.main(args) == 0
     (row,) = json.loads((tmp_path / "speed.json").read_text())["rows"]
     assert row["setting"] == "ensemble 500" and row["passes_per_slice"] == 1 and row["infer_s_per_volume"] > 0
+    overlay = [*args[: args.index("--brain-crop")], "--overlays", "paper_cpu", *args[args.index("--variants") :]]
+    assert benchmark_speed.main(overlay) == 0  # the same setting, from the overlay the docs measure
+    (row,) = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert row["setting"] == "configured noise levels" and row["passes_per_slice"] == 1
+    assert "+ configs/paper_cpu.json" in (tmp_path / "speed.md").read_text()
+    with pytest.raises(SystemExit):
+        benchmark_speed.main([*overlay[:-2], "--overlays", "no_such_overlay", "--out", str(tmp_path)])
 
 
 def test_every_method_names_existing_bundle_configs():

@@ -63,6 +63,15 @@ def test_configs_ship_the_demo_sizes_and_paper_json_the_published_ones():
     assert parser("inference.json")["ensemble_timesteps"] == [250, 500, 750]
 
 
+def test_paper_cpu_overlay_runs_one_noise_level_on_the_brain_box(bundle_imports):
+    """``paper_cpu.json`` over ``paper.json``: the paper's single reconstruction (t = 500, one pass per slice) on each
+    slice's brain box, in sides divisible by the paper UNet's downsampling (4)."""
+    bundle_imports("cddpm_bundle")
+    inferer = parser("inference.json", "paper.json", "paper_cpu.json").get_parsed_content("inferer")
+    assert inferer.timesteps == (500,) and inferer.network_passes_per_slice == 1
+    assert inferer.brain_box_multiple == 4
+
+
 def test_paper_sized_network_instantiates_and_runs(bundle_imports):
     bundle_imports("cddpm_bundle")
     net = parser("train.json", "paper.json").get_parsed_content("network_def")
