@@ -2,7 +2,8 @@
 shipped models' size, the configs as they stand).
 
 Builds each bundle's own network, noise, scheduler, prepare-batch and anomaly inferer from its configs (random
-weights: speed does not depend on them) and times
+weights: speed does not depend on them; ``--overlays``: bundle configs listed after ``paper.json``, e.g. ``paper_cpu``)
+and times
 
 - a training iteration: the bundle's ``SupervisedTrainer`` on an in-memory batch of ``--train-batch`` slices
   (prepare batch incl. noise generation on the device, forward, loss, backward, optimiser step);
@@ -65,6 +66,7 @@ COLUMNS = (
     ("train_batch", "train batch"),
     ("train_s_per_iter", "train s/iter"),
     ("train_peak_mb", "train peak MB"),
+    ("brain_box", "brain box"),
     ("passes_per_slice", "passes/slice"),
     ("infer_s_per_slice", "infer s/slice"),
     ("infer_s_per_volume", "infer s/volume (50 slices)"),
@@ -188,6 +190,7 @@ def inference_speed(
     run = lambda: recons.append(inferer(volume, network, mask=mask, return_reconstruction=True)[1])  # noqa: E731
     seconds = timed(run, device, warmup=0)
     row = {
+        "brain_box": bool(inferer.brain_box_multiple),
         "passes_per_slice": inferer.network_passes_per_slice,
         "infer_s_per_slice": seconds / args.slices,
         "infer_s_per_volume": seconds / args.slices * VOLUME_SLICES if args.volume == "random" else seconds,

@@ -152,6 +152,9 @@ def test_configs_ship_the_demo_sizes_and_paper_json_the_published_ones(bundle_im
     assert inference["residual_quantile"] == 0.95 and inference["mask_quantile"] is None
     fast = inference.get_parsed_content("inferer")
     assert isinstance(fast.scheduler, DDIMScheduler) and fast.network_passes_per_slice == 5 + 2 * 5
+    assert fast.mask_samples == 1  # the paper's single mask-stage chain
+    ixi_t1 = parser("inference.json", "ixi_t1.json").get_parsed_content("inferer")
+    assert (ixi_t1.mask_samples, ixi_t1.network_passes_per_slice) == (3, 3 * 12 + 2 * 5)  # what its threshold fits
     reference = parser("inference.json", "reference_sampler.json").get_parsed_content("inferer")
     assert isinstance(reference.scheduler, DDPMScheduler) and reference.network_passes_per_slice == 200 + 50 * 5
 
@@ -417,6 +420,10 @@ def test_mask_samples_average_independent_chains_of_each_slice():
     chains = single.reconstruct(x.repeat(3, 1, 1, 1), net, torch.Generator().manual_seed(0))  # the same 6 chains
     torch.testing.assert_close(x_hat, chains.view(3, *x.shape).mean(0))
     assert not torch.allclose(chains[0], chains[2]) and not torch.allclose(x_hat, chains[:2])  # fresh noise each
+    net = ElementwiseNetwork()
+    stages = ensemble.run_slices(x, brain, net)  # the three stages: the re-sample stage sees the N slices again
+    assert all(v.shape == x.shape for v in stages.values()) and net.batches[:4] == [6] * 4
+    assert set(net.batches[4:]) <= {1, 2} and len(net.batches) == 4 + 2
     with pytest.raises(ValueError, match="mask_samples"):
         AutoDDPMAnomalyInferer(DDIMScheduler(1000), mask_samples=0)
 

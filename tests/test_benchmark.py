@@ -57,7 +57,7 @@ def test_speed_benchmark_times_both_bundles(tmp_path):
     assert "| cddpm |" in (tmp_path / "speed.md").read_text()
 
 
-def test_speed_benchmark_on_the_mni152_brain_with_its_brain_boxes(tmp_path):
+def test_speed_benchmark_on_the_mni152_brain_with_its_brain_boxes(tmp_path, capsys):
     volume, mask = benchmark_speed.mni152_volume(2.0, (96, 96, 3))  # the paper grid: the brain inside the slice
     assert volume.shape == mask.shape == (1, 1, 96, 96, 3) and set(mask.unique().tolist()) == {0.0, 1.0}
     assert 0.3 < float(mask.mean()) < 0.8 and float(volume[mask > 0].min()) > 0 and float(volume.max()) <= 1
@@ -66,13 +66,15 @@ def test_speed_benchmark_on_the_mni152_brain_with_its_brain_boxes(tmp_path):
     assert benchmark_speed.main(args) == 0
     (row,) = json.loads((tmp_path / "speed.json").read_text())["rows"]
     assert row["setting"] == "ensemble 500" and row["passes_per_slice"] == 1 and row["infer_s_per_volume"] > 0
+    assert row["brain_box"]
     overlay = [*args[: args.index("--brain-crop")], "--overlays", "paper_cpu", *args[args.index("--variants") :]]
     assert benchmark_speed.main(overlay) == 0  # the same setting, from the overlay the docs measure
     (row,) = json.loads((tmp_path / "speed.json").read_text())["rows"]
-    assert row["setting"] == "configured noise levels" and row["passes_per_slice"] == 1
+    assert row["setting"] == "configured noise levels" and row["passes_per_slice"] == 1 and row["brain_box"]
     assert "+ configs/paper_cpu.json" in (tmp_path / "speed.md").read_text()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as error:
         benchmark_speed.main([*overlay[:-2], "--overlays", "no_such_overlay", "--out", str(tmp_path)])
+    assert error.value.code == 2 and "no such overlay" in capsys.readouterr().err
 
 
 def test_every_method_names_existing_bundle_configs():

@@ -56,7 +56,7 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
     ``mask_noise_level + resample_noise_level * resample_repeats`` passes per slice, 200 + 50 * 5 = 450 with the paper's
     settings; the ``ddim_*`` arguments are ignored). With a ``DDIMScheduler`` the chains take ``ddim_mask_steps`` and
     ``ddim_resample_steps`` evenly strided steps (e.g. 10 and 5: 10 + 5 * 5 = 35 passes), the last one straight to x0.
-    ``network_passes_per_slice`` says which.
+    ``mask_samples`` multiplies the mask stage's passes. ``network_passes_per_slice`` says how many.
 
     Args:
         scheduler: ``DDPMScheduler`` or ``DDIMScheduler`` with the training noise schedule (noise prediction).
@@ -131,9 +131,10 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
         self.dilation = dilation
         self.ddim_eta = ddim_eta
         logger.info(
-            "AutoDDPM inferer: %s sampler, mask %d steps from level %d, re-sample %d steps x %d from level %d "
+            "AutoDDPM inferer: %s sampler, mask %d x %d steps from level %d, re-sample %d steps x %d from level %d "
             "(%d network passes per slice), perceptual term %s",
             self.sampler,
+            mask_samples,
             len(self.mask_chain),
             mask_noise_level,
             len(self.resample_chain),
@@ -156,8 +157,8 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
 
     @property
     def network_passes_per_slice(self) -> int:
-        """Network evaluations per slice: mask steps + re-sample steps x repeats (mask steps only for a slice whose
-        binary mask is empty)."""
+        """Network evaluations per slice: mask samples x mask steps + re-sample steps x repeats (the mask stage's
+        only for a slice whose binary mask is empty)."""
         return len(self.mask_chain) * self.mask_samples + len(self.resample_chain) * self.resample_repeats
 
     def _chain(self, level: int, steps: int | None) -> list[tuple[int, int]]:
@@ -229,7 +230,7 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
         self._set_stride(self.mask_chain)
         for t, _ in self.mask_chain:
             x_t = self._denoise_step(network, x_t, t, generator)
-        return from_model_range(x_t).view(self.mask_samples, *x.shape).mean(0)
+        return from_model_range(x_t).reshape(self.mask_samples, *x.shape).mean(0)
 
     def likelihood(self, x: torch.Tensor, x_hat: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
         """``m = P(x, x_hat) * clip(|x - x_hat| / q(|x - x_hat|), 0, 1)`` inside the brain, q per slice."""
