@@ -160,8 +160,11 @@ def test_a_killed_rank_is_finished_by_the_rerun(demo_cohort, tmp_path):
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.02)
     assert launcher.wait(timeout=60) != 0 and killed is not None, "no rank was killed mid-run"
-    # finished outputs only: a temporary the killed rank left (".<name>.tmp<pid>.nii.gz") is for the rerun to remove
-    done = {p.name: p.stat().st_mtime_ns for p in out.glob("[!.]*_anomaly_*.nii.gz")}
+    # finished cases only: a temporary the killed rank left (".<name>.tmp<pid>.nii.gz") is for the rerun to remove, and
+    # a case is finished with its mask (written after its map: a map without a mask is inferred again)
+    finished = [p.name.removesuffix("_anomaly_mask.nii.gz") for p in out.glob("[!.]*_anomaly_mask.nii.gz")]
+    outputs = [out / f"{case}_anomaly_{kind}.nii.gz" for case in finished for kind in ("map", "mask")]
+    done = {p.name: p.stat().st_mtime_ns for p in outputs}
     assert 0 < len(done) < 2 * 7  # some cases finished, not all
     rerun = subprocess.run(
         cmd[:4] + [f"--master_port={free_port()}"] + cmd[5:],
