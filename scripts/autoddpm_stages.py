@@ -40,7 +40,14 @@ STAGES = ("final map", "stage 1 residual", "inpainted residual", "likelihood m")
 def stage_maps(inferer, outputs: dict[str, torch.Tensor], image: torch.Tensor, brain: torch.Tensor) -> dict:
     """Every scored stage output of one case, (H, W, D) arrays."""
     residual = {
-        name: residual_anomaly_map(image, outputs[key], brain, inferer.erosion_iterations, inferer.median_kernel)
+        name: residual_anomaly_map(
+            image,
+            outputs[key],
+            brain,
+            inferer.erosion_iterations,
+            inferer.median_kernel,
+            smooth_sigma=inferer.smooth_sigma,
+        )
         for name, key in (("stage 1 residual", "reconstruction"), ("inpainted residual", "inpainted"))
     }
     maps = {"final map": outputs["pred"], **residual, "likelihood m": outputs["likelihood"]}

@@ -9,10 +9,13 @@ import benchmark
 import benchmark_speed
 import numpy as np
 import pytest
+import smoothing_sweep
 import torch
 from lib.baselines import TemplateResidualInferer, mean_healthy_image
 from monai.bundle import ConfigParser
+from uad.errors import InputError
 from uad.postprocessing import residual_anomaly_map
+from uad.workflow import evaluate
 
 
 def _volume(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,3 +143,57 @@ def test_benchmark_trains_in_stages_and_reports(demo_cohort, tmp_path):
     (tmp_path / "benchmark.md").unlink()
     assert benchmark.main(args) == 0
     assert json.loads((tmp_path / "benchmark.json").read_text())["rows"] == rows
+
+
+def test_smoothing_sweep_scores_stored_maps_as_inference_would_smooth_them(tmp_path):
+    """A sweep over an unsmoothed evaluation's cached maps gives, for each sigma, the figures of an evaluation whose
+    inferer smoothed with that sigma; a broken cache is a clear error."""
+    shape, rng = (24, 24, 1), np.random.default_rng(8)
+    brain = np.zeros(shape, dtype=np.float32)
+    brain[3:21, 3:21] = 1
+    volumes = {}
+    for i in range(10):
+        seg = np.zeros(shape, dtype=np.float32)
+        if i % 5:  # 2 healthy cases, the rest with a lesion
+            x, y = rng.integers(7, 13, size=2)
+            seg[x : x + 4, y : y + 4] = 1
+        volumes[f"c{i}"] = ((0.5 + 0.3 * seg + rng.normal(0, 0.05, shape)) * brain, seg)
+
+    def preprocessing(entry: dict) -> dict:
+        image, seg = (torch.from_numpy(a.astype(np.float32))[None] for a in volumes[entry["name"]])
+        return {"image": image, "mask": torch.from_numpy(brain)[None], **({"seg": seg} if seg.any() else {})}
+
+    def inferer_with(sigma: float):
+        def infer(image, network, mask, return_reconstruction):
+            recon = torch.full_like(image, 0.5) * mask
+            return residual_anomaly_map(image, recon, mask, smooth_sigma=sigma), recon
+
+        return infer
+
+    for name in volumes:  # the case cache names each case's files
+        (tmp_path / name).write_text(name)
+
+    def entries(names: tuple[str, ...]) -> list[dict]:
+        files = {n: str(tmp_path / n) for n in names}
+        return [{"image": files[n], "name": n, **({"seg": files[n]} if volumes[n][1].any() else {})} for n in names]
+
+    val, test = entries(("c0", "c1", "c2", "c3")), entries(("c4", "c5", "c6", "c7", "c8", "c9"))
+    expected = {}
+    for sigma in (0.0, 1.5):
+        out = tmp_path / f"eval_{sigma}"
+        metrics = evaluate(
+            torch.nn.Identity(), inferer_with(sigma), preprocessing, val, test, out, cache_key="k", n_overlays=0
+        )
+        expected[sigma] = (metrics["validation_labelled"]["best_dice"], metrics["pooled_test"]["auprc"])
+    assert expected[0.0] != expected[1.5]
+    args = [str(tmp_path / "eval_0.0"), "--sigmas", "0", "1.5", "--out", str(tmp_path / "sweep")]
+    assert smoothing_sweep.main(args) == 0
+    rows = json.loads((tmp_path / "sweep" / "smoothing_sweep.json").read_text())["rows"]
+    for row, sigma in zip(rows, (0.0, 1.5), strict=True):
+        assert (row["val_dice"], row["pooled_auprc"]) == pytest.approx(expected[sigma], abs=1e-6)
+    assert sum(row.get("chosen") == "val best" for row in rows) == 1 and all(r["healthy_fp_px"] >= 0 for r in rows)
+    next((tmp_path / "eval_0.0" / "cases").glob("c5-*.npz")).unlink()
+    with pytest.raises(InputError, match="not cached"):
+        smoothing_sweep.main(args)
+    with pytest.raises(InputError, match="metrics.json"):
+        smoothing_sweep.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "sweep")])

@@ -15,6 +15,7 @@ from monai.bundle import ConfigParser
 from monai.networks.schedulers import DDPMScheduler
 from uad.inference import brain_box
 from uad.io import config_ids
+from uad.postprocessing import erode_mask_per_slice, gaussian_smooth
 from uad.precision import cpu_bf16_native
 from uad.training import load_weights
 
@@ -242,6 +243,13 @@ def test_inferer_marks_inserted_anomaly_with_healing_network():
     amap = inferer(lesion, Healer(), mask=healthy > 0)
     inside = amap[..., 15:19, 15:19, 4].mean()
     assert inside > 0.4 and amap[..., 6:10, 6:10, :].max() == 0
+    smoothing = CDDPMAnomalyInferer(
+        DDPMScheduler(1000), SimplexNoise(frequency=8), timesteps=(500,), median_kernel=3, smooth_sigma=1.0
+    )
+    eroded = erode_mask_per_slice(healthy > 0, 3).float()
+    torch.testing.assert_close(smoothing(lesion, Healer(), mask=healthy > 0), gaussian_smooth(amap, 1.0) * eroded)
+    with pytest.raises(ValueError, match="smooth_sigma"):
+        CDDPMAnomalyInferer(DDPMScheduler(1000), SimplexNoise(frequency=8), smooth_sigma=-1.0)
 
 
 def test_conditioned_model_requires_consistent_unet():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from uad.postprocessing import erode_mask_per_slice, median_filter_3d, residual_anomaly_map
+from uad.postprocessing import erode_mask_per_slice, gaussian_smooth, median_filter_3d, residual_anomaly_map
 
 CROSS = ndimage.generate_binary_structure(2, 1)
 
@@ -101,3 +101,31 @@ def test_median_filter_single_slice_is_in_plane():
     out = median_filter_3d(torch.from_numpy(image), 5).numpy()[..., 0]
     np.testing.assert_array_equal(out, expected)
     assert out.max() > 0
+
+
+@pytest.mark.parametrize("shape", [(20, 18, 7), (20, 18, 1)])
+def test_gaussian_smooth_matches_scipy_constant_mode(shape):
+    """Isotropic in voxels for volumes; in-plane for a single slice (2D data), like the median filter."""
+    volume = np.random.default_rng(6).random(shape)
+    expected = ndimage.gaussian_filter(volume if shape[2] > 1 else volume[..., 0], 1.5, mode="constant", cval=0.0)
+    out = gaussian_smooth(torch.from_numpy(volume), 1.5).numpy()
+    assert out.dtype == volume.dtype and out.shape == volume.shape
+    np.testing.assert_allclose(out, expected.reshape(shape), rtol=0, atol=1e-6)
+    batched = gaussian_smooth(torch.from_numpy(np.stack([volume, 2 * volume])[:, None]), 1.5).numpy()
+    np.testing.assert_allclose(batched[1, 0], 2 * out, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_smooth(torch.from_numpy(volume), 0)
+
+
+def test_residual_map_smoothing_spreads_only_the_eroded_brain_residual():
+    """The smoothing follows the masked median filter and is masked again: smoothing a stored unsmoothed map inside
+    the eroded mask gives the same map (what ``scripts/smoothing_sweep.py`` relies on)."""
+    rng = np.random.default_rng(7)
+    image, recon = rng.random((2, 24, 24, 8))
+    brain = _brain()
+    args = [torch.from_numpy(a) for a in (image, recon, brain)]
+    plain = residual_anomaly_map(*args).numpy()
+    smoothed = residual_anomaly_map(*args, smooth_sigma=2.0).numpy()
+    eroded = _scipy_erosion(brain, 3)
+    np.testing.assert_allclose(smoothed, ndimage.gaussian_filter(plain, 2.0, mode="constant") * eroded, atol=1e-6)
+    assert not smoothed[~eroded].any() and not np.allclose(smoothed, plain)

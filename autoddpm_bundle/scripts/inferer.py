@@ -75,7 +75,8 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
         dilation: edge of the square structuring element dilating the binary mask (odd; 1 = none).
         ddim_eta: DDIM stochasticity (1: fresh noise each step like the DDPM chains; 0: deterministic DDIM); ignored
             by DDPM.
-        batch_size, erosion_iterations, median_kernel, seed, amp, brain_box_multiple: see ``SliceAnomalyInferer``.
+        batch_size, erosion_iterations, median_kernel, smooth_sigma, seed, amp, brain_box_multiple: see
+            ``SliceAnomalyInferer``.
     """
 
     output_keys = STAGE_KEYS
@@ -101,11 +102,12 @@ class AutoDDPMAnomalyInferer(SliceAnomalyInferer):
         batch_size: int = 50,
         erosion_iterations: int = 3,
         median_kernel: int = 5,
+        smooth_sigma: float = 0.0,
         seed: int | None = 0,
         amp: bool = False,
         brain_box_multiple: int | None = None,
     ) -> None:
-        super().__init__(batch_size, erosion_iterations, median_kernel, seed, amp, brain_box_multiple)
+        super().__init__(batch_size, erosion_iterations, median_kernel, smooth_sigma, seed, amp, brain_box_multiple)
         if not isinstance(scheduler, DDPMScheduler | DDIMScheduler):
             raise TypeError(f"scheduler must be a DDPMScheduler or DDIMScheduler, got {type(scheduler).__name__}")
         if scheduler.prediction_type != "epsilon":

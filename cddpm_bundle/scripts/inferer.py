@@ -30,7 +30,8 @@ class CDDPMAnomalyInferer(SliceAnomalyInferer):
         timesteps: noise levels of the ensemble, e.g. (250, 500, 750); (500,) for the single reconstruction.
         patch_size, patch_stride: pDDPM's squares (None: the whole slice at once, cDDPM); stride default half a patch.
         slice_size: the (H, W) of the model grid, for :attr:`network_passes_per_slice`.
-        batch_size, erosion_iterations, median_kernel, seed, amp, brain_box_multiple: see ``SliceAnomalyInferer``.
+        batch_size, erosion_iterations, median_kernel, smooth_sigma, seed, amp, brain_box_multiple: see
+            ``SliceAnomalyInferer``.
     """
 
     def __init__(
@@ -44,11 +45,12 @@ class CDDPMAnomalyInferer(SliceAnomalyInferer):
         batch_size: int = 50,
         erosion_iterations: int = 3,
         median_kernel: int = 5,
+        smooth_sigma: float = 0.0,
         seed: int | None = 0,
         amp: bool = False,
         brain_box_multiple: int | None = None,
     ) -> None:
-        super().__init__(batch_size, erosion_iterations, median_kernel, seed, amp, brain_box_multiple)
+        super().__init__(batch_size, erosion_iterations, median_kernel, smooth_sigma, seed, amp, brain_box_multiple)
         if not timesteps or not all(0 <= t < scheduler.num_train_timesteps for t in timesteps):
             raise ValueError(f"timesteps must be in [0, {scheduler.num_train_timesteps}), got {timesteps}")
         self.scheduler = scheduler

@@ -48,6 +48,7 @@ class TemplateResidualInferer(Inferer):
         template: torch.Tensor | str | os.PathLike | None = None,
         erosion_iterations: int = 3,
         median_kernel: int = 5,
+        smooth_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         if isinstance(template, str | os.PathLike):
@@ -55,6 +56,7 @@ class TemplateResidualInferer(Inferer):
         self.template = template
         self.erosion_iterations = erosion_iterations
         self.median_kernel = median_kernel
+        self.smooth_sigma = smooth_sigma
 
     def __call__(
         self,
@@ -73,5 +75,7 @@ class TemplateResidualInferer(Inferer):
             if template.shape[-3:] != volumes.shape[-3:]:
                 raise ValueError(f"template shape {tuple(template.shape)} does not match inputs {tuple(inputs.shape)}")
             recon = template.expand_as(volumes) * brain
-        maps = residual_anomaly_map(volumes, recon, brain, self.erosion_iterations, self.median_kernel)
+        maps = residual_anomaly_map(
+            volumes, recon, brain, self.erosion_iterations, self.median_kernel, smooth_sigma=self.smooth_sigma
+        )
         return (restore(maps), restore(recon)) if return_reconstruction else restore(maps)

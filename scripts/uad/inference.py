@@ -167,6 +167,7 @@ class SliceAnomalyInferer(Inferer):
         batch_size: slices per call of :meth:`reconstruct_slices`.
         erosion_iterations: iterations of the per-slice cross erosion of the brain mask.
         median_kernel: size of the 3D median filter (1 disables it).
+        smooth_sigma: sigma in voxels of the Gaussian smoothing of the map after the median filter (0 disables it).
         seed: seed of all noise, so repeated calls give the same map; None draws fresh noise.
         amp: run the network under autocast (fp16 on CUDA, bf16 on CPU), see :meth:`autocast`.
         brain_box_multiple: run each slice on its brain's bounding box only (sides rounded up to this multiple), as
@@ -183,14 +184,18 @@ class SliceAnomalyInferer(Inferer):
         batch_size: int = 50,
         erosion_iterations: int = 3,
         median_kernel: int = 5,
+        smooth_sigma: float = 0.0,
         seed: int | None = 0,
         amp: bool = False,
         brain_box_multiple: int | None = None,
     ) -> None:
         super().__init__()
+        if smooth_sigma < 0:
+            raise ValueError(f"smooth_sigma must be >= 0, got {smooth_sigma}")
         self.batch_size = batch_size
         self.erosion_iterations = erosion_iterations
         self.median_kernel = median_kernel
+        self.smooth_sigma = smooth_sigma
         self.seed = seed
         self.amp = amp
         self.brain_box_multiple = brain_box_multiple
@@ -290,7 +295,9 @@ class SliceAnomalyInferer(Inferer):
         outputs = self.run_volumes(volumes, brain, network)
         weight = outputs[self.weight_key] if self.weight_key else None
         recon = outputs[self.reconstruction_key]
-        maps = residual_anomaly_map(volumes, recon, brain, self.erosion_iterations, self.median_kernel, weight=weight)
+        maps = residual_anomaly_map(
+            volumes, recon, brain, self.erosion_iterations, self.median_kernel, weight, self.smooth_sigma
+        )
         if return_intermediates:
             return {"pred": restore(maps), **{k: restore(v) for k, v in outputs.items()}}
         return (restore(maps), restore(recon)) if return_reconstruction else restore(maps)

@@ -2,15 +2,18 @@
 
 Volumes are shaped (H, W, D) with D the axial slices (last axis); leading batch/channel axes are allowed where noted.
 The pipeline is: residual ``|x - x_hat|`` (optionally times a per-voxel weight) -> times the brain mask eroded per
-axial slice -> 3D median filter -> times the eroded mask again.
+axial slice -> 3D median filter -> times the eroded mask again -> (optionally) Gaussian smoothing -> times the
+eroded mask again.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers import separable_filtering
+from monai.networks.layers.convutils import gaussian_1d
 
-__all__ = ["erode_mask_per_slice", "median_filter_3d", "residual_anomaly_map"]
+__all__ = ["erode_mask_per_slice", "gaussian_smooth", "median_filter_3d", "residual_anomaly_map"]
 
 # voxels gathered at once by the median filter (window values included), bounds its memory use
 _MEDIAN_CHUNK_ELEMENTS = 2**25
@@ -79,6 +82,33 @@ def median_filter_3d(volume: torch.Tensor, kernel_size: int = 5) -> torch.Tensor
     return out.reshape(volume.shape)
 
 
+def gaussian_smooth(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing with zero padding (same as ``scipy.ndimage.gaussian_filter(mode="constant")``, kernel
+    truncated at 4 sigma).
+
+    ``sigma`` is in voxels, the same along each axis; a single-slice volume (D = 1, 2D data) is smoothed in-plane, like
+    :func:`median_filter_3d`.
+
+    Args:
+        volume: (H, W, D) or (B, 1, H, W, D) volume.
+        sigma: standard deviation of the kernel in voxels (positive).
+
+    Returns:
+        smoothed volume, same shape and dtype as ``volume``.
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be positive, got {sigma}.")
+    if volume.ndim not in (3, 5):
+        raise ValueError(f"expected (H, W, D) or (B, 1, H, W, D), got shape {tuple(volume.shape)}.")
+    spatial = volume.shape[-3:]
+    vols = volume.reshape(-1, 1, *spatial)
+    if spatial[2] == 1:
+        vols = vols[..., 0]
+    kernel = gaussian_1d(torch.tensor(float(sigma)), truncated=4.0, approx="sampled", normalize=True)
+    smoothed = separable_filtering(vols.float(), [kernel.to(volume.device)] * (vols.ndim - 2), mode="zeros")
+    return smoothed.to(volume.dtype).reshape(volume.shape)
+
+
 def residual_anomaly_map(
     image: torch.Tensor,
     reconstruction: torch.Tensor,
@@ -86,12 +116,14 @@ def residual_anomaly_map(
     erosion_iterations: int = 3,
     median_kernel: int = 5,
     weight: torch.Tensor | None = None,
+    smooth_sigma: float = 0.0,
 ) -> torch.Tensor:
     """Anomaly map from an input and its pseudo-healthy reconstruction.
 
     Order: ``r = |x - x_hat|``, times ``weight`` if given; ``r = r * m`` with ``m`` the brain mask eroded per axial
     slice; ``r = median(r)`` (3D, zero padding); ``r = r * m`` again, so the filter cannot spread residual out of the
-    eroded brain.
+    eroded brain; with ``smooth_sigma`` > 0, ``r = gaussian(r) * m`` (zero padding): the smoothing spreads only
+    residual from inside the eroded brain, and the smoothed map of a stored unsmoothed one is the same.
 
     Args:
         image: (H, W, D) or (B, 1, H, W, D) input in [0, 1].
@@ -100,6 +132,7 @@ def residual_anomaly_map(
         erosion_iterations: erosion steps of the per-slice cross structuring element.
         median_kernel: edge length of the cubic median window.
         weight: per-voxel weight of the residual (e.g. AutoDDPM's likelihood map), same shape as ``image``.
+        smooth_sigma: sigma in voxels of the Gaussian smoothing after the median filter (0 disables it).
 
     Returns:
         anomaly map, same shape as ``image``, float, zero outside the eroded brain mask.
@@ -108,5 +141,5 @@ def residual_anomaly_map(
     residual = (image - reconstruction).abs()
     if weight is not None:
         residual = residual * weight
-    residual = residual * eroded
-    return median_filter_3d(residual, median_kernel) * eroded
+    residual = median_filter_3d(residual * eroded, median_kernel) * eroded
+    return gaussian_smooth(residual, smooth_sigma) * eroded if smooth_sigma > 0 else residual

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -39,7 +40,15 @@ from .metrics import (
 from .sharding import shard_cases, shard_of
 from .transforms import check_anomaly_map
 
-__all__ = ["collect_cases", "evaluate", "evaluate_cases", "evaluate_sets", "format_metrics", "set_outputs"]
+__all__ = [
+    "collect_cases",
+    "evaluate",
+    "evaluate_cases",
+    "evaluate_sets",
+    "format_metrics",
+    "read_evaluated_cases",
+    "set_outputs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +68,17 @@ def _save_case(path: Path, case: dict[str, Any], key: str) -> None:
             np.savez(f, cache_key=np.array(key), name=np.array(case["name"]), **arrays)
 
 
-def _load_case(path: Path, key: str) -> dict[str, Any] | None:
-    """A case saved by :func:`_save_case` with the same ``key``, or None (absent, other weights or settings,
-    unreadable)."""
+def _load_case(path: Path, key: str | None) -> dict[str, Any] | None:
+    """A case saved by :func:`_save_case` with the same ``key`` (None: any, stored under ``"cache_key"``), or None
+    (absent, other weights or settings, unreadable)."""
     if not path.is_file():
         return None
     try:
         with np.load(path) as f:
-            if str(f["cache_key"]) != key:
+            if key is not None and str(f["cache_key"]) != key:
                 return None
-            return {"name": str(f["name"]), **{k: f[k] if k in f else None for k in CASE_ARRAYS}}
+            case = {"name": str(f["name"]), **{k: f[k] if k in f else None for k in CASE_ARRAYS}}
+            return case if key is not None else {**case, "cache_key": str(f["cache_key"])}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         logger.warning("%s: unreadable cached case, inferring it again (%s)", path, e)
         return None
@@ -151,6 +161,31 @@ def collect_cases(
         if "seg" not in entry and id(entry) in inferred:
             memo[_memo_key(entry)] = inferred[id(entry)]
     return [inferred[id(e)] if id(e) in inferred else memo[_memo_key(e)] for e in entries]
+
+
+def read_evaluated_cases(output_dir: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The validation and test cases of a finished evaluation, as :func:`evaluate_cases` took them: read from its case
+    cache (``output_dir/cases``), sorted into validation and test by its ``metrics.json``.
+
+    Raises:
+        InputError: no ``metrics.json`` with case lists, a listed case missing from the cache, or cases of several
+            runs (weights or settings) in it.
+    """
+    out = Path(output_dir)
+    metrics_file = out / "metrics.json"
+    try:
+        listed = json.loads(metrics_file.read_text())["cases"]
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{metrics_file}: not the metrics of a finished evaluation ({e})") from e
+    stored = {c["name"]: c for p in sorted(out.glob("cases/*.npz")) if (c := _load_case(p, None)) is not None}
+    val_names = dict.fromkeys([*listed.get("best_dice_calibration", []), *listed.get("fpr_calibration", [])])
+    missing = [n for n in (*val_names, *listed.get("test", [])) if n not in stored]
+    if missing:
+        raise InputError(f"{out / 'cases'}: {len(missing)} evaluated cases are not cached, e.g. {missing[:3]}")
+    cases = {n: stored[n] for n in (*val_names, *listed.get("test", []))}
+    if len({c.pop("cache_key") for c in cases.values()}) > 1:
+        raise InputError(f"{out / 'cases'}: the cases come from several runs (weights or settings)")
+    return [cases[n] for n in val_names], [cases[n] for n in listed.get("test", [])]
 
 
 def _case_path(cache_dir: str | os.PathLike, entry: dict) -> Path:
