@@ -116,7 +116,9 @@ TEST_SETTINGS = {  # cDDPM's: name: (label, inference keys)
     "t500_750": ("tested at t = 500, 750", {"ensemble_timesteps": [500, 750]}),
     "t750": ("tested at t = 750", {"ensemble_timesteps": [750]}),
     "erosion1": ("brain mask eroded once (not 3 times)", {"inferer#erosion_iterations": 1}),
+    "t200_g4": ("tested at t = 200, map smoothed (sigma 4 px)", {"ensemble_timesteps": [200], "smooth_sigma": 4.0}),
 }
+SMOOTHING = {"g3": ("map smoothed (sigma 3 px)", {"inferer#smooth_sigma": 3.0})}  # the mean image's, chosen on val
 AUTODDPM_TEST_SETTINGS = {  # AutoDDPM's: name: (label, inference keys)
     "m100": ("mask stage from level 100", {"mask_noise_level": 100}),
     "tau030": ("mask threshold 0.3", {"mask_threshold": 0.3}),
@@ -131,6 +133,10 @@ AUTODDPM_T800_SETTINGS = {  # on the [0, 800) weights
     "s12k3r100": (
         "12 DDIM steps, 3 chains averaged, re-sample from level 100",
         {"ddim_mask_steps": 12, "mask_samples": 3, "resample_noise_level": 100},
+    ),
+    "s12k3r100_g4": (
+        "12 DDIM steps, 3 chains averaged, re-sample from level 100, map smoothed (sigma 4 px)",
+        {"ddim_mask_steps": 12, "mask_samples": 3, "resample_noise_level": 100, "smooth_sigma": 4.0},
     ),
 }
 AUTODDPM_DDIM_EVAL = {**BRAIN_CROP["eval_overrides"], "sampler": "ddim"}  # the brain box, the DDIM chains
@@ -217,11 +223,12 @@ def with_test_settings(key: str, settings: dict[str, tuple[str, dict[str, Any]]]
 
 
 # test-time settings on the final weights: cDDPM's noise levels and brain-mask erosion (DDPM at cDDPM's best level),
-# AutoDDPM's mask stage (its level, threshold and DDIM steps)
+# AutoDDPM's mask stage (its level, threshold and DDIM steps); the smoothing of the map (sigma chosen on val)
 METHODS.update(with_test_settings("cddpm_efficient", TEST_SETTINGS))
 METHODS.update(with_test_settings("ddpm_efficient", {"t200": TEST_SETTINGS["t200"]}))
 METHODS.update(with_test_settings("autoddpm_efficient_fast", AUTODDPM_TEST_SETTINGS))
 METHODS.update(with_test_settings("autoddpm_t800_m600", AUTODDPM_T800_SETTINGS))
+METHODS.update(with_test_settings("mean_image", SMOOTHING))
 DEFAULT_METHODS = [
     "intensity",
     "mean_image",

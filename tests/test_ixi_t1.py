@@ -3,11 +3,13 @@ field of view, the same grid as the benchmark's NIfTI copies, and the shipped we
 
 from __future__ import annotations
 
+import json
+
 import make_atlas_benchmark as mab
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import SHARED_IXI, bundle_parser, run_bundle
+from conftest import REPO, SHARED_IXI, bundle_parser, run_bundle
 from lib.slices import save_slice
 from monai.transforms import LoadImage
 from PIL import Image
@@ -38,6 +40,17 @@ def test_png_slices_read_on_their_field_of_view(tmp_path):
     volume = LoadImage(image_only=True, reader=FieldOfViewPNGReader([233, 197]))(tmp_path / "slice.nii.gz")
     assert tuple(volume.shape) == (64, 32, 1)
     np.testing.assert_allclose(np.diag(volume.affine.numpy()), 1.0)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_ixi_t1_smooths_the_map_as_its_threshold_was_calibrated(bundle, bundle_imports):
+    """``ixi_t1.json`` smooths the anomaly map (sigma 4 px, chosen on ATLAS val, the setting its ``thresholds.json``
+    was calibrated with); ``inference.json`` alone does not (the papers' post-processing)."""
+    bundle_imports(bundle)
+    assert bundle_parser(bundle, "inference.json", "ixi_t1.json").get_parsed_content("inferer").smooth_sigma == 4.0
+    assert bundle_parser(bundle, "inference.json").get_parsed_content("inferer").smooth_sigma == 0.0
+    calibration = json.loads((REPO / bundle / "models" / "ixi_t1" / "thresholds.json").read_text())["calibration"]
+    assert "sigma 4 px" in calibration
 
 
 @needs_shared
