@@ -4,8 +4,9 @@ Reads the cached cases of finished evaluations made without smoothing (an ``outp
 ``configs/evaluate.json`` with its ``cases/`` folder, e.g. the ``eval/<method>_<target>_<step>`` folders of
 ``scripts/benchmark.py``), smooths each stored map for every ``--sigmas`` entry exactly as inference would
 (``uad.postprocessing.residual_anomaly_map``: Gaussian of the median-filtered map, times the eroded brain mask) and
-evaluates it again with the evaluation's own calibration: no network runs. One row per sigma; ``val best`` marks the
-sigma with the best validation Dice, the one to use. The test columns only report.
+evaluates it again with the evaluation's own calibration (its FPRs, smallest component and brain-mask erosion, from
+its ``metrics.json``; the bundles' defaults for evaluations that predate recording them): no network runs. One row per
+sigma; ``val best`` marks the sigma with the best validation Dice, the one to use. The test columns only report.
 
     python scripts/smoothing_sweep.py runs/atlas/atlas/eval/mean_image_ATLAS_2400 \\
         runs/atlas/atlas/eval/autoddpm_t800_m600_s12k3r100_ATLAS_2400 --sigmas 0 1 2 3 4 5
@@ -14,6 +15,7 @@ sigma with the best validation Dice, the one to use. The test columns only repor
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -21,8 +23,12 @@ from typing import Any
 
 import torch
 from lib.benchmarking import header, markdown_table, write_report
+from uad.errors import InputError
 from uad.postprocessing import erode_mask_per_slice, gaussian_smooth
 from uad.workflow import evaluate_cases, read_evaluated_cases
+
+logger = logging.getLogger("smoothing_sweep")
+DEFAULTS = {"erosion_iterations": 3, "min_component_size": 8, "fprs": [0.01, 0.05, 0.1]}  # the bundles' configs
 
 COLUMNS = (
     ("evaluation", "evaluation"),
@@ -51,9 +57,31 @@ def smoothed(cases: list[dict[str, Any]], sigma: float, erosion_iterations: int)
     return out
 
 
-def sweep(eval_dir: Path, sigmas: list[float], erosion_iterations: int, min_component_size: int) -> list[dict]:
+def evaluation_settings(eval_dir: Path) -> dict[str, Any]:
+    """The post-processing and calibration settings of a finished evaluation, from its ``metrics.json``.
+
+    Raises:
+        InputError: its maps are smoothed already, or it had no labelled validation case to choose a sigma on.
+    """
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    recorded = {**metrics.get("extra", {}).get("postprocessing", {}), **metrics}
+    if recorded.get("smooth_sigma", 0) > 0:
+        raise InputError(
+            f"{eval_dir}: its maps are smoothed already (smooth_sigma {recorded['smooth_sigma']}); sweep "
+            "an evaluation made with smooth_sigma 0"
+        )
+    if not metrics["counts"]["val_labelled"]:
+        raise InputError(f"{eval_dir}: no labelled validation case, nothing to choose a sigma on")
+    if any(k not in recorded for k in DEFAULTS):
+        logger.warning("%s: settings not recorded, assuming the bundles' defaults %s", eval_dir, DEFAULTS)
+    return {k: recorded.get(k, default) for k, default in DEFAULTS.items()}
+
+
+def sweep(eval_dir: Path, sigmas: list[float]) -> list[dict]:
     """One row per sigma: the evaluation of ``eval_dir``'s cases with the map smoothed."""
     val, test = read_evaluated_cases(eval_dir)
+    settings = evaluation_settings(eval_dir)
+    erosion_iterations = settings["erosion_iterations"]
     rows = []
     for sigma in sigmas:
         with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +89,8 @@ def sweep(eval_dir: Path, sigmas: list[float], erosion_iterations: int, min_comp
                 smoothed(val, sigma, erosion_iterations),
                 smoothed(test, sigma, erosion_iterations),
                 tmp,
-                min_component_size=min_component_size,
+                fprs=settings["fprs"],
+                min_component_size=settings["min_component_size"],
                 n_overlays=0,
             )
         pooled, summary = metrics["pooled_test"], metrics["summary"]
@@ -87,18 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("eval_dirs", type=Path, nargs="+", help="finished evaluations (metrics.json and cases/)")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0, 1, 2, 3, 4, 5], help="in voxels, >= 0")
-    parser.add_argument("--erosion-iterations", type=int, default=3, help="the evaluations' (inferer default 3)")
-    parser.add_argument("--min-component-size", type=int, default=8, help="the evaluations' (config default 8)")
     parser.add_argument("--out", type=Path, default=Path("runs/smoothing_sweep"))
     args = parser.parse_args(argv)
     if any(s < 0 for s in args.sigmas):
         parser.error(f"--sigmas must be >= 0, got {args.sigmas}")
     logging.basicConfig(level=logging.WARNING)
-    rows = [
-        row
-        for eval_dir in args.eval_dirs
-        for row in sweep(eval_dir, args.sigmas, args.erosion_iterations, args.min_component_size)
-    ]
+    rows = [row for eval_dir in args.eval_dirs for row in sweep(eval_dir, args.sigmas)]
     markdown = "\n".join(
         [
             header("Gaussian smoothing of the anomaly map, chosen on validation"),

@@ -42,6 +42,9 @@ def test_mean_image_baseline_uses_the_mean_of_masked_healthy_images(tmp_path):
     image, mask = volumes[0]
     anomaly = TemplateResidualInferer(tmp_path / "mean.pt")(image, None, mask=mask)
     torch.testing.assert_close(anomaly, residual_anomaly_map(image, mean * mask, mask))
+    smoothed = TemplateResidualInferer(tmp_path / "mean.pt", smooth_sigma=1.0)(image, None, mask=mask)  # mean_image_g3
+    torch.testing.assert_close(smoothed, residual_anomaly_map(image, mean * mask, mask, smooth_sigma=1.0))
+    assert not torch.allclose(smoothed, anomaly)
     with pytest.raises(ValueError, match="template shape"):
         TemplateResidualInferer(mean[..., :3])(image, None, mask=mask)
     with pytest.raises(ValueError, match="no healthy images"):
@@ -147,28 +150,32 @@ def test_benchmark_trains_in_stages_and_reports(demo_cohort, tmp_path):
 
 def test_smoothing_sweep_scores_stored_maps_as_inference_would_smooth_them(tmp_path):
     """A sweep over an unsmoothed evaluation's cached maps gives, for each sigma, the figures of an evaluation whose
-    inferer smoothed with that sigma; a broken cache is a clear error."""
+    inferer smoothed with that sigma (with the erosion and smallest component the evaluation recorded, not the
+    defaults); smoothed maps, a broken cache, stale or mixed cases are clear errors."""
     shape, rng = (24, 24, 1), np.random.default_rng(8)
     brain = np.zeros(shape, dtype=np.float32)
     brain[3:21, 3:21] = 1
     volumes = {}
     for i in range(10):
         seg = np.zeros(shape, dtype=np.float32)
-        if i % 5:  # 2 healthy cases, the rest with a lesion
-            x, y = rng.integers(7, 13, size=2)
+        if i % 5:  # 2 healthy cases, the rest with a lesion, some at the edge of the eroded brain
+            x, y = rng.integers(5, 13, size=2)
             seg[x : x + 4, y : y + 4] = 1
-        volumes[f"c{i}"] = ((0.5 + 0.3 * seg + rng.normal(0, 0.05, shape)) * brain, seg)
+        volumes[f"c{i}"] = ((0.5 + 0.3 * seg + rng.normal(0, 0.15, shape)) * brain, seg)
 
     def preprocessing(entry: dict) -> dict:
         image, seg = (torch.from_numpy(a.astype(np.float32))[None] for a in volumes[entry["name"]])
         return {"image": image, "mask": torch.from_numpy(brain)[None], **({"seg": seg} if seg.any() else {})}
 
-    def inferer_with(sigma: float):
-        def infer(image, network, mask, return_reconstruction):
-            recon = torch.full_like(image, 0.5) * mask
-            return residual_anomaly_map(image, recon, mask, smooth_sigma=sigma), recon
+    class Inferer:
+        erosion_iterations, median_kernel = 2, 5  # not the default erosion: the sweep must read it
 
-        return infer
+        def __init__(self, smooth_sigma: float) -> None:
+            self.smooth_sigma = smooth_sigma
+
+        def __call__(self, image, network, mask, return_reconstruction):
+            recon = torch.full_like(image, 0.5) * mask
+            return residual_anomaly_map(image, recon, mask, 2, 5, smooth_sigma=self.smooth_sigma), recon
 
     for name in volumes:  # the case cache names each case's files
         (tmp_path / name).write_text(name)
@@ -181,19 +188,37 @@ def test_smoothing_sweep_scores_stored_maps_as_inference_would_smooth_them(tmp_p
     expected = {}
     for sigma in (0.0, 1.5):
         out = tmp_path / f"eval_{sigma}"
-        metrics = evaluate(
-            torch.nn.Identity(), inferer_with(sigma), preprocessing, val, test, out, cache_key="k", n_overlays=0
-        )
+        options = {"cache_key": "k", "n_overlays": 0, "min_component_size": 3}
+        metrics = evaluate(torch.nn.Identity(), Inferer(sigma), preprocessing, val, test, out, **options)
+        assert metrics["extra"]["postprocessing"] == {
+            "erosion_iterations": 2,
+            "median_kernel": 5,
+            "smooth_sigma": sigma,
+        }
         expected[sigma] = (metrics["validation_labelled"]["best_dice"], metrics["pooled_test"]["auprc"])
+        expected[sigma] += (metrics["pooled_test"]["dice@best_dice_val"],)
     assert expected[0.0] != expected[1.5]
+    cases = tmp_path / "eval_0.0" / "cases"
     args = [str(tmp_path / "eval_0.0"), "--sigmas", "0", "1.5", "--out", str(tmp_path / "sweep")]
     assert smoothing_sweep.main(args) == 0
     rows = json.loads((tmp_path / "sweep" / "smoothing_sweep.json").read_text())["rows"]
     for row, sigma in zip(rows, (0.0, 1.5), strict=True):
-        assert (row["val_dice"], row["pooled_auprc"]) == pytest.approx(expected[sigma], abs=1e-6)
+        assert (row["val_dice"], row["pooled_auprc"], row["pooled_dice"]) == pytest.approx(expected[sigma], abs=1e-6)
     assert sum(row.get("chosen") == "val best" for row in rows) == 1 and all(r["healthy_fp_px"] >= 0 for r in rows)
-    next((tmp_path / "eval_0.0" / "cases").glob("c5-*.npz")).unlink()
-    with pytest.raises(InputError, match="not cached"):
-        smoothing_sweep.main(args)
+    with pytest.raises(InputError, match="smoothed already"):
+        smoothing_sweep.main([str(tmp_path / "eval_1.5"), "--out", str(tmp_path / "sweep")])
     with pytest.raises(InputError, match="metrics.json"):
         smoothing_sweep.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "sweep")])
+    first = next(cases.glob("c5-*.npz"))
+    stale = first.with_name("c5-00000000.npz")
+    stale.write_bytes(first.read_bytes())
+    with pytest.raises(InputError, match="two cached cases named 'c5'"):
+        smoothing_sweep.main(args)
+    with np.load(first) as f:
+        np.savez(stale, **{**dict(f), "cache_key": np.array("another run")})
+    first.unlink()
+    with pytest.raises(InputError, match="several runs"):
+        smoothing_sweep.main(args)
+    stale.unlink()
+    with pytest.raises(InputError, match="not cached"):
+        smoothing_sweep.main(args)

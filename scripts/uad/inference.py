@@ -190,7 +190,7 @@ class SliceAnomalyInferer(Inferer):
         brain_box_multiple: int | None = None,
     ) -> None:
         super().__init__()
-        if smooth_sigma < 0:
+        if not smooth_sigma >= 0:  # checked here too: before any network runs
             raise ValueError(f"smooth_sigma must be >= 0, got {smooth_sigma}")
         self.batch_size = batch_size
         self.erosion_iterations = erosion_iterations

@@ -96,7 +96,7 @@ def gaussian_smooth(volume: torch.Tensor, sigma: float) -> torch.Tensor:
     Returns:
         smoothed volume, same shape and dtype as ``volume``.
     """
-    if sigma <= 0:
+    if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma}.")
     if volume.ndim not in (3, 5):
         raise ValueError(f"expected (H, W, D) or (B, 1, H, W, D), got shape {tuple(volume.shape)}.")
@@ -104,8 +104,9 @@ def gaussian_smooth(volume: torch.Tensor, sigma: float) -> torch.Tensor:
     vols = volume.reshape(-1, 1, *spatial)
     if spatial[2] == 1:
         vols = vols[..., 0]
+    dtype = torch.promote_types(volume.dtype, torch.float32)
     kernel = gaussian_1d(torch.tensor(float(sigma)), truncated=4.0, approx="sampled", normalize=True)
-    smoothed = separable_filtering(vols.float(), [kernel.to(volume.device)] * (vols.ndim - 2), mode="zeros")
+    smoothed = separable_filtering(vols.to(dtype), [kernel.to(volume.device, dtype)] * (vols.ndim - 2), mode="zeros")
     return smoothed.to(volume.dtype).reshape(volume.shape)
 
 
@@ -137,6 +138,8 @@ def residual_anomaly_map(
     Returns:
         anomaly map, same shape as ``image``, float, zero outside the eroded brain mask.
     """
+    if not smooth_sigma >= 0:
+        raise ValueError(f"smooth_sigma must be >= 0, got {smooth_sigma}.")
     eroded = erode_mask_per_slice(brain_mask != 0, erosion_iterations).to(image.dtype)
     residual = (image - reconstruction).abs()
     if weight is not None:

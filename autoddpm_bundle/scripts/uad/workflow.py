@@ -58,6 +58,7 @@ def _numpy(x: torch.Tensor) -> np.ndarray:
 
 
 CASE_ARRAYS = ("image", "reconstruction", "anomaly_map", "mask", "seg")
+POSTPROCESSING_KEYS = ("erosion_iterations", "median_kernel", "smooth_sigma")  # recorded under extra in metrics.json
 
 
 def _save_case(path: Path, case: dict[str, Any], key: str) -> None:
@@ -80,7 +81,7 @@ def _load_case(path: Path, key: str | None) -> dict[str, Any] | None:
             case = {"name": str(f["name"]), **{k: f[k] if k in f else None for k in CASE_ARRAYS}}
             return case if key is not None else {**case, "cache_key": str(f["cache_key"])}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        logger.warning("%s: unreadable cached case, inferring it again (%s)", path, e)
+        logger.warning("%s: unreadable cached case, not used (%s)", path, e)
         return None
 
 
@@ -165,11 +166,12 @@ def collect_cases(
 
 def read_evaluated_cases(output_dir: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The validation and test cases of a finished evaluation, as :func:`evaluate_cases` took them: read from its case
-    cache (``output_dir/cases``), sorted into validation and test by its ``metrics.json``.
+    cache (``output_dir/cases``, or the ``cases`` folder beside it for one set of several, see :func:`evaluate_sets`),
+    sorted into validation and test by its ``metrics.json``.
 
     Raises:
-        InputError: no ``metrics.json`` with case lists, a listed case missing from the cache, or cases of several
-            runs (weights or settings) in it.
+        InputError: no ``metrics.json`` with case lists, a listed case missing from the cache, two cached cases of one
+            name (a stale one), or cases of several runs (weights or settings).
     """
     out = Path(output_dir)
     metrics_file = out / "metrics.json"
@@ -177,15 +179,27 @@ def read_evaluated_cases(output_dir: str | os.PathLike) -> tuple[list[dict[str, 
         listed = json.loads(metrics_file.read_text())["cases"]
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"{metrics_file}: not the metrics of a finished evaluation ({e})") from e
-    stored = {c["name"]: c for p in sorted(out.glob("cases/*.npz")) if (c := _load_case(p, None)) is not None}
-    val_names = dict.fromkeys([*listed.get("best_dice_calibration", []), *listed.get("fpr_calibration", [])])
-    missing = [n for n in (*val_names, *listed.get("test", [])) if n not in stored]
+    cases_dir = out / "cases" if (out / "cases").is_dir() else out.parent / "cases"
+    stored: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path in sorted(cases_dir.glob("*.npz")):
+        if (case := _load_case(path, None)) is None:
+            continue
+        if case["name"] in stored:
+            raise InputError(
+                f"{cases_dir}: two cached cases named {case['name']!r} ({stored[case['name']][0].name}, {path.name}); "
+                "remove the stale one"
+            )
+        stored[case["name"]] = path, case
+    val_names = [*listed.get("best_dice_calibration", []), *listed.get("fpr_calibration", [])]
+    test_names = listed.get("test", [])
+    missing = [n for n in (*val_names, *test_names) if n not in stored]
     if missing:
-        raise InputError(f"{out / 'cases'}: {len(missing)} evaluated cases are not cached, e.g. {missing[:3]}")
-    cases = {n: stored[n] for n in (*val_names, *listed.get("test", []))}
-    if len({c.pop("cache_key") for c in cases.values()}) > 1:
-        raise InputError(f"{out / 'cases'}: the cases come from several runs (weights or settings)")
-    return [cases[n] for n in val_names], [cases[n] for n in listed.get("test", [])]
+        raise InputError(f"{cases_dir}: {len(missing)} evaluated cases are not cached, e.g. {missing[:3]}")
+    keys = {stored[n][1]["cache_key"] for n in (*val_names, *test_names)}
+    if len(keys) > 1:
+        raise InputError(f"{cases_dir}: the cases come from several runs (weights or settings)")
+    cases = {n: {k: v for k, v in stored[n][1].items() if k != "cache_key"} for n in (*val_names, *test_names)}
+    return [cases[n] for n in val_names], [cases[n] for n in test_names]
 
 
 def _case_path(cache_dir: str | os.PathLike, entry: dict) -> Path:
@@ -284,6 +298,8 @@ def evaluate_cases(
         "threshold_method": method,
         "binarisation": f"anomaly_map > threshold inside the brain mask, then 3D components (26-connectivity) of "
         f"fewer than {min_component_size} voxels removed",
+        "min_component_size": min_component_size,
+        "fprs": list(fprs),
         "summary": summarise(rows),
         "healthy_test": summarise([r for r, c in zip(rows, test_cases, strict=True) if not has_lesion(c)]),
         "pooled_test": pooled,
@@ -370,10 +386,14 @@ def evaluate(
     :func:`collect_cases`). ``may_be_zero``: see :func:`~uad.transforms.check_anomaly_map`.
 
     Writes the outputs of :func:`evaluate_cases` to ``output_dir`` (with ``extra``, e.g. the inferer's settings,
-    under ``"extra"`` in ``metrics.json``), copies the calibrated ``thresholds.json`` (naming ``weights``, the file
+    under ``"extra"`` in ``metrics.json``, and there under ``"postprocessing"`` the inferer's map post-processing,
+    ``POSTPROCESSING_KEYS``, where it has them), copies the calibrated ``thresholds.json`` (naming ``weights``, the file
     the network's weights came from) to ``threshold_file`` (where inference looks for it) and prints the metrics
     table. ``healthy_memo``: see :func:`collect_cases`.
     """
+    postprocessing = {k: getattr(inferer, k) for k in POSTPROCESSING_KEYS if hasattr(inferer, k)}
+    if postprocessing:
+        extra = {**(extra or {}), "postprocessing": postprocessing}
     options: dict[str, Any] = {"may_be_zero": may_be_zero, "infer": infer}
     if cache_key:
         cache_dir = Path(output_dir) / "cases" if cache_dir is None else cache_dir
