@@ -608,7 +608,13 @@ def test_bundle_evaluate_writes_metrics_and_records_settings(trained):
         "sampler": "ddim",
         "perceptual": "1-ssim",
         "network_passes_per_slice": 4,
+        "postprocessing": {
+            "erosion_iterations": 3,
+            "median_kernel": 5,
+            "smooth_sigma": 0.0,
+        },  # smoothing_sweep reads it
     }
+    assert (metrics["min_component_size"], metrics["fprs"]) == (8, [0.01, 0.05, 0.1])
     assert (out / "per_volume.csv").read_text().count("\n") == 3 and list((out / "overlays").glob("*.png"))
     stored = json.loads((trained["work"] / "models" / "thresholds.json").read_text())
     assert stored["threshold"] == metrics["thresholds"]["best_dice_val"]
