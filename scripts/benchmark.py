@@ -75,6 +75,7 @@ from lib.benchmarking import (  # noqa: E402
     header,
     load_config,
     markdown_table,
+    quality_row,
     write_report,
 )
 from lib.commands import bundle_command  # noqa: E402
@@ -261,7 +262,6 @@ COLUMNS = (
     ("train_s_per_iter", "train s/iter"),
     ("train_peak_mb", "train peak RSS MB"),
 )
-POOLED = {"dice": "dice@best_dice_val", "auprc": "auprc", "auroc": "auroc"}  # voxels of all test cases pooled
 # the real 2D slices (IXI, ATLAS) on their 1 mm grid, resampled to 2.5 mm and padded to 96 x 96, one slice each
 SLICE_GRID = {"pixdim": [2.5, 2.5, 1.0], "image_size": [96, 96, 1], "slices_per_volume": 1, "batch_size": 16}
 EPOCH_TIME = re.compile(r"SupervisedTrainer - INFO - Epoch\[\d+\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")
@@ -405,13 +405,10 @@ def evaluate(
     summary, counts = metrics["summary"], metrics["counts"]
     recon = metrics.get("reconstruction_healthy_val", {})
     n_slices = (counts["val_labelled"] + counts["val_healthy"] + counts["test"]) * dataset.slices_per_volume
-    row = {k: summary.get(k, {}).get("mean") for k, _ in COLUMNS if k in summary}
+    row = quality_row(metrics, [k for k, _ in COLUMNS])
     row.update(
         {
             "method": method.label,
-            "healthy_fp_px": metrics.get("healthy_test", {}).get("fp_voxels@best_dice_val", {}).get("mean"),
-            **{f"pooled_{k}": metrics["pooled_test"].get(m) for k, m in POOLED.items()},
-            **{f"val_{k}": v for k, v in metrics.get("validation_labelled", {}).items()},
             "healthy_ssim": recon.get("ssim", {}).get("mean"),
             "healthy_psnr": recon.get("psnr", {}).get("mean"),
             "passes": metrics.get("extra", {}).get("network_passes_per_slice"),

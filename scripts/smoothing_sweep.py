@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lib.benchmarking import header, markdown_table, write_report
+from lib.benchmarking import header, markdown_table, quality_row, write_report
 from uad.errors import InputError
 from uad.postprocessing import erode_mask_per_slice, gaussian_smooth
 from uad.workflow import evaluate_cases, read_evaluated_cases
@@ -34,13 +34,13 @@ COLUMNS = (
     ("evaluation", "evaluation"),
     ("sigma", "sigma (px)"),
     ("chosen", "chosen"),
-    ("val_dice", "val Dice (best)"),
+    ("val_best_dice", "val Dice (best)"),
     ("val_auprc", "val AUPRC"),
     ("pooled_dice", "pooled Dice@val-thr"),
     ("pooled_auprc", "pooled AUPRC"),
     ("pooled_auroc", "pooled AUROC"),
-    ("mean_dice", "Dice@val-thr (mean)"),
-    ("mean_auroc", "AUROC (mean)"),
+    ("dice@best_dice_val", "Dice@val-thr (mean)"),
+    ("auroc", "AUROC (mean)"),
     ("healthy_fp_px", "FP px per lesion-free test case"),
 )
 
@@ -93,22 +93,8 @@ def sweep(eval_dir: Path, sigmas: list[float]) -> list[dict]:
                 min_component_size=settings["min_component_size"],
                 n_overlays=0,
             )
-        pooled, summary = metrics["pooled_test"], metrics["summary"]
-        rows.append(
-            {
-                "evaluation": eval_dir.name,
-                "sigma": sigma,
-                "val_dice": metrics["validation_labelled"]["best_dice"],
-                "val_auprc": metrics["validation_labelled"]["auprc"],
-                "pooled_dice": pooled.get("dice@best_dice_val"),
-                "pooled_auprc": pooled.get("auprc"),
-                "pooled_auroc": pooled.get("auroc"),
-                "mean_dice": summary["dice@best_dice_val"]["mean"],
-                "mean_auroc": summary["auroc"]["mean"],
-                "healthy_fp_px": metrics["healthy_test"].get("fp_voxels@best_dice_val", {}).get("mean"),
-            }
-        )
-    max(rows, key=lambda r: r["val_dice"])["chosen"] = "val best"
+        rows.append({"evaluation": eval_dir.name, "sigma": sigma, **quality_row(metrics, [k for k, _ in COLUMNS])})
+    max(rows, key=lambda r: r["val_best_dice"])["chosen"] = "val best"
     return rows
 
 

@@ -203,7 +203,9 @@ def test_smoothing_sweep_scores_stored_maps_as_inference_would_smooth_them(tmp_p
     assert smoothing_sweep.main(args) == 0
     rows = json.loads((tmp_path / "sweep" / "smoothing_sweep.json").read_text())["rows"]
     for row, sigma in zip(rows, (0.0, 1.5), strict=True):
-        assert (row["val_dice"], row["pooled_auprc"], row["pooled_dice"]) == pytest.approx(expected[sigma], abs=1e-6)
+        assert (row["val_best_dice"], row["pooled_auprc"], row["pooled_dice"]) == pytest.approx(
+            expected[sigma], abs=1e-6
+        )
     assert sum(row.get("chosen") == "val best" for row in rows) == 1 and all(r["healthy_fp_px"] >= 0 for r in rows)
     with pytest.raises(InputError, match="smoothed already"):
         smoothing_sweep.main([str(tmp_path / "eval_1.5"), "--out", str(tmp_path / "sweep")])

@@ -138,6 +138,22 @@ def load_config(root: Path, names: list[str], overrides: dict[str, Any]) -> Conf
     return parser
 
 
+POOLED = {"dice": "dice@best_dice_val", "auprc": "auprc", "auroc": "auroc"}  # voxels of all test cases pooled
+
+
+def quality_row(metrics: dict[str, Any], summary_keys: Sequence[str]) -> dict[str, Any]:
+    """An evaluation's ``metrics.json`` as one flat row: the means over test cases of ``summary_keys``, the pooled test
+    figures (``pooled_dice``, ``pooled_auprc``, ``pooled_auroc``), the labelled validation figures (``val_best_dice``,
+    ``val_auprc``) and the false-positive voxels per lesion-free test case (``healthy_fp_px``)."""
+    summary = metrics["summary"]
+    return {
+        **{k: summary[k]["mean"] for k in summary_keys if k in summary},
+        "healthy_fp_px": metrics.get("healthy_test", {}).get("fp_voxels@best_dice_val", {}).get("mean"),
+        **{f"pooled_{k}": metrics["pooled_test"].get(m) for k, m in POOLED.items()},
+        **{f"val_{k}": v for k, v in metrics.get("validation_labelled", {}).items()},
+    }
+
+
 def chance_auprc(summary: dict) -> float:
     """The AUPRC of a random map: the lesion prevalence inside the brain (means over the test volumes)."""
     return summary["n_lesion_voxels"]["mean"] / summary["n_brain_voxels"]["mean"]
